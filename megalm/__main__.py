@@ -1,0 +1,5 @@
+import sys
+
+from megalm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""megalm's layout-free checkpoint format.
+
+A checkpoint is a folder ``RUN_DIR/checkpoints/step_NNNNNNN/``:
+
+    manifest.json        format, version, step, model/run config, layout it was saved from, data position,
+                         RNG state, and for every tensor its global shape, dtype and the pieces that hold it
+    shard-RRRRR.safetensors   the pieces rank RRRRR owned (every rank writes its own, in parallel)
+    tokenizer.json       the tokenizer the model was trained with (when known)
+    COMMITTED            written last; a folder without it is an unfinished save and is never loaded
+
+A piece is a slice of a global tensor along one dimension (``dim``/``offset``), or the whole tensor, so any
+layout can read what any other wrote. ``RUN_DIR/checkpoints/latest`` names the newest committed folder and is
+replaced atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT, VERSION = "megalm-checkpoint", 1
+MANIFEST, COMMITTED, LATEST = "manifest.json", "COMMITTED", "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file or the numbers."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    file: str            # file name inside the checkpoint folder
+    key: str             # key inside the safetensors file
+    dim: int | None      # sharded dimension of the global tensor, None for a whole tensor
+    offset: int          # start of this piece along dim
+    length: int          # its extent along dim
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "key": self.key, "dim": self.dim, "offset": self.offset, "length": self.length}
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_root(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(path) -> Path | None:
+    """Resolve a run dir, a checkpoints folder or a step folder to a committed step folder (or None)."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path if (path / COMMITTED).exists() else None
+    for root in (checkpoints_root(path), path):
+        pointer = root / LATEST
+        if pointer.exists():
+            candidate = root / pointer.read_text().strip()
+            if (candidate / COMMITTED).exists():
+                return candidate
+        # The pointer may be missing or name a damaged folder: fall back to the newest committed one.
+        committed = sorted(p for p in root.glob("step_*") if (p / COMMITTED).exists()) if root.is_dir() else []
+        if committed:
+            return committed[-1]
+    return None
+
+
+def read_manifest(ckpt: Path, verify: bool = True) -> dict:
+    """Read and check a manifest: format, commit marker, every file present with its recorded sha256."""
+    ckpt = Path(ckpt)
+    if not (ckpt / MANIFEST).exists():
+        raise CheckpointError(f"{ckpt} has no {MANIFEST}: not a megalm checkpoint")
+    if not (ckpt / COMMITTED).exists():
+        raise CheckpointError(f"{ckpt} has no {COMMITTED} marker: the save did not finish; load an earlier step")
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / MANIFEST} is not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{ckpt / MANIFEST}: format {manifest.get('format')!r} version "
+                              f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+    for name, digest in manifest["files"].items():
+        path = ckpt / name
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing (listed in the manifest); the checkpoint is incomplete")
+        if verify and sha256_file(path) != digest:
+            raise CheckpointError(f"{path} does not match its sha256 in the manifest: the file is corrupt or "
+                                  f"truncated; load an earlier checkpoint")
+    return manifest
+
+
+def pieces_of(manifest: dict, name: str) -> list[Piece]:
+    entry = manifest["tensors"].get(name)
+    return [Piece(**p) for p in entry["pieces"]] if entry else []

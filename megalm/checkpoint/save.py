@@ -1,0 +1,96 @@
+"""Save: every rank writes the pieces it owns into one safetensors file; rank 0 commits.
+
+Ownership: data-parallel rank 0 writes; of replicated tensors, tensor-parallel rank 0 only; of a tied embedding,
+the first stage only. The save goes to ``step_N.tmp`` and is renamed into place after every rank has written
+and rank 0 has written the manifest; ``COMMITTED`` and the ``latest`` pointer come last, so a crash at any
+moment leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from megalm.checkpoint.format import (
+    COMMITTED, FORMAT, LATEST, MANIFEST, VERSION, checkpoints_root, sha256_file, step_dir_name, write_text_atomic,
+)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather_objects(obj):
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def write_pieces(folder: Path, rank: int, owned) -> dict:
+    """Write this rank's owned (name, local tensor, ShardSpec) triples; return their manifest entries."""
+    tensors, entries = {}, {}
+    file_name = f"shard-{rank:05d}.safetensors"
+    for name, tensor, spec in owned:
+        local = tuple(tensor.shape)
+        global_shape = list(spec.global_shape(local))
+        dim = spec.dim if spec.dim is not None and spec.parts > 1 else None
+        offset = spec.index * local[dim] if dim is not None else 0
+        length = local[dim] if dim is not None else (local[0] if local else 1)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+        entries[name] = {"shape": global_shape, "dtype": str(tensor.dtype).replace("torch.", ""),
+                         "piece": {"file": file_name, "key": name, "dim": dim, "offset": offset, "length": length}}
+    if tensors:
+        save_file(tensors, str(folder / file_name))
+    return {"file": file_name if tensors else None, "entries": entries,
+            "sha256": sha256_file(folder / file_name) if tensors else None}
+
+
+def save_checkpoint(run_dir, step: int, owned, meta: dict, tokenizer_file=None, keep: int = 2) -> Path:
+    """Collective: every rank calls it with the tensors it owns. ``meta`` goes into the manifest as is."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = checkpoints_root(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    start = time.perf_counter()
+    written = write_pieces(tmp, rank, owned)
+    reports = _gather_objects(written)
+    if rank == 0:
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, **meta, "tensors": {}, "files": {}}
+        for report in reports:
+            if report["file"]:
+                manifest["files"][report["file"]] = report["sha256"]
+            for name, entry in report["entries"].items():
+                slot = manifest["tensors"].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"],
+                                                             "pieces": []})
+                slot["pieces"].append(entry["piece"])
+        if tokenizer_file and Path(tokenizer_file).exists():
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        write_text_atomic(final / COMMITTED, f"{time.time():.0f}\n")
+        write_text_atomic(root / LATEST, final.name + "\n")
+        _prune(root, keep)
+        print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    committed = sorted(p for p in root.glob("step_*") if (p / COMMITTED).exists() and not p.name.endswith(".tmp"))
+    for old in committed[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

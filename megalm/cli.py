@@ -1,0 +1,82 @@
+"""The ``megalm`` command: one entry point, one subcommand per job.
+
+    megalm preprocess [--input PATH ...] --output-prefix PREFIX     corpus -> PREFIX.bin/.idx + tokenizer
+    megalm train --config FILE [section.key=value ...]              train (resumes an existing run dir)
+    megalm eval --checkpoint RUN_DIR [--data PREFIX | --text FILE]  loss and perplexity
+    megalm generate --checkpoint RUN_DIR --prompt TEXT              sample text with a KV cache
+    megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
+    megalm bench kernels|bubble|train ...                           throughput and schedule benchmarks
+    megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+COMMANDS = {
+    "preprocess": "megalm.data.preprocess",
+    "eval": "megalm.eval",
+    "generate": "megalm.generate",
+    "convert": "megalm.checkpoint.convert",
+}
+BENCHES = {
+    "kernels": "megalm.kernels.bench",
+    "bubble": "megalm.parallel.pipeline.bubble",
+    "train": "megalm.bench_train",
+}
+
+
+def _train(argv) -> int:
+    from megalm.config import load_config
+    from megalm.train.loop import train
+
+    ap = argparse.ArgumentParser(prog="megalm train", description="Train a model from a YAML config.")
+    ap.add_argument("--config", help="YAML config file (configs/tiny.yaml, ...)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tp=2 train.steps=100")
+    args = ap.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _config(argv) -> int:
+    from megalm.config import describe_fields, load_config
+
+    ap = argparse.ArgumentParser(prog="megalm config", description="Show config keys or a resolved config.")
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    if args.config or args.overrides:
+        print(json.dumps(load_config(args.config, args.overrides).to_dict(), indent=1))
+    else:
+        print(describe_fields())
+    return 0
+
+
+def _bench(argv) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: megalm bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    local = {"train": _train, "config": _config, "bench": _bench}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in {**COMMANDS, **local}:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in local:
+            return local[command](rest)
+        return importlib.import_module(COMMANDS[command]).main(rest) or 0
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        from megalm.errors import report
+
+        return report(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

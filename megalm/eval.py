@@ -1,0 +1,60 @@
+"""``megalm eval``: loss and perplexity of a checkpoint on a dataset split or on a text file."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+
+from megalm.parallel.pipeline.p2p import P2P, activation_shape
+from megalm.train.step import evaluate
+
+
+def text_samples(tokenizer, path: str, seq_len: int) -> list[np.ndarray]:
+    """Non-overlapping windows of seq_len + 1 tokens over the file (the last partial window is dropped)."""
+    ids = np.asarray(tokenizer.encode(open(path, encoding="utf-8").read()) + [tokenizer.eod_id], dtype=np.int64)
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
+    return [ids[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)]
+
+
+def main(argv=None) -> int:
+    from megalm.data.dataset import TokenDataset
+    from megalm.inference import checkpoint_config, checkpoint_tokenizer, load_model
+    from megalm.runtime import finish
+
+    ap = argparse.ArgumentParser(prog="megalm eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
+    ap.add_argument("--data", help="dataset prefix (default: the one the model was trained on)")
+    ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ap.add_argument("--text", help="a UTF-8 text file to score instead of a dataset")
+    ap.add_argument("--samples", type=int, default=256, help="most samples to score")
+    ap.add_argument("overrides", nargs="*", help="layout overrides, e.g. parallel.tp=2")
+    args = ap.parse_args(argv)
+    cfg, reader = checkpoint_config(args.checkpoint, args.overrides)
+    seq = cfg.data.seq_len
+    if args.text:
+        tokenizer = checkpoint_tokenizer(reader)
+        samples = text_samples(tokenizer, args.text, seq)[:args.samples]
+        where = args.text
+    else:
+        prefix = args.data or cfg.data.prefix
+        ds = TokenDataset(prefix, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
+        samples = [ds.sample(i) if hasattr(ds, "sample") else ds[i] for i in range(min(len(ds), args.samples))]
+        where = f"{prefix} ({args.split})"
+    rt, engine = load_model(cfg, reader)
+    topo = rt.topo
+    mbs = max(1, min(cfg.train.micro_batch_size, len(samples) // topo.dp))
+    batches = [torch.as_tensor(np.stack(samples[i:i + mbs])).to(rt.device)
+               for i in range(0, len(samples) - mbs + 1, mbs)]
+    mine = [b for i, b in enumerate(batches) if i % topo.dp == topo.dp_rank]
+    p2p = P2P(topo, activation_shape(mbs, seq, cfg.model.hidden_size, topo), torch.float32, rt.device,
+              num_chunks=len(engine.chunks))
+    loss = evaluate(engine, p2p, mine, topo)
+    if rt.is_logging_rank:
+        print(f"eval {where}: {sum(b.shape[0] for b in batches)} samples x {seq} tokens | loss {loss:.4f} | "
+              f"perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
+    finish()
+    return 0

@@ -1,0 +1,63 @@
+"""The one place where parallelism is composed: which layers this rank holds, which TP slice, which kernels.
+
+``build_chunks`` turns (config, topology) into this rank's model chunks: pipeline partition first (global layer
+ids per virtual stage), then the tensor-parallel handle, then activation checkpointing, then layout-free
+initialisation (every tensor from its own seeded generator, sliced for this rank).
+"""
+from __future__ import annotations
+
+import torch
+
+from megalm.config import Config
+from megalm.model.ops import build_ops
+from megalm.model.transformer import ModelChunk, init_chunk
+from megalm.parallel.pipeline.stage import partition_layers
+from megalm.parallel.topology import Topology
+
+
+def chunk_layer_ids(cfg: Config, topo: Topology) -> list[list[int]]:
+    """Global layer indices of each model chunk this rank holds."""
+    p = cfg.parallel
+    parts = partition_layers(cfg.model.num_layers, p.pp, p.virtual_stages, p.pipeline_layers)
+    return [list(r) for r in parts[topo.pp_rank]]
+
+
+def build_chunks(cfg: Config, topo: Topology, device: torch.device, init: bool = True,
+                 dtype: torch.dtype = torch.float32) -> list[ModelChunk]:
+    ops = build_ops(cfg.kernels.attention, cfg.kernels.norm, device)
+    ids = chunk_layer_ids(cfg, topo)
+    chunks = []
+    for c, layer_ids in enumerate(ids):
+        first = topo.is_first_stage and c == 0
+        last = topo.is_last_stage and c == len(ids) - 1
+        chunk = ModelChunk(cfg.model, topo.tensor_parallel, layer_ids, first, last, ops,
+                           cfg.parallel.activation_checkpointing)
+        if init:
+            init_chunk(chunk, cfg.model, cfg.train.seed)
+        chunks.append(chunk.to(device=device, dtype=dtype))
+    return chunks
+
+
+def tied_embedding_params(chunks, topo: Topology) -> list:
+    """The embedding copies that tie the first stage's input to the last stage's head (pp > 1 only)."""
+    if topo.pp == 1:
+        return []
+    return [chunk.embed.weight for chunk in chunks
+            if hasattr(chunk, "embed") and chunk.cfg.tie_embeddings and (chunk.first or chunk.last)]
+
+
+def is_tied_copy(chunk, name: str, topo: Topology) -> bool:
+    """The last stage's copy of a tied embedding (pp > 1): the first stage's tensor, saved and counted there."""
+    return topo.pp > 1 and chunk.last and not chunk.first and name == "embed.weight"
+
+
+def counts_in_norm(chunk, name: str, param, topo: Topology) -> bool:
+    """Whether this rank's copy of ``param`` contributes to the global gradient norm.
+
+    TP shards all count (they are summed over the TP group); replicated tensors count on TP rank 0 only; the
+    last stage's copy of a tied embedding is the first stage's, counted there.
+    """
+    if is_tied_copy(chunk, name, topo):
+        return False
+    sharded = param.shard.dim is not None and param.shard.parts > 1
+    return sharded or topo.tp_rank == 0

@@ -1,0 +1,99 @@
+"""Where numbers go: the console (with tokens/s and ETA), RUN_DIR/metrics.jsonl, TensorBoard, a loss-curve PNG.
+
+Only the rank that owns the logger writes; the others get a logger whose methods do nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.run_dir = Path(run_dir)
+        self.start_time, self.start_step = time.perf_counter(), None
+        self.writer = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: jsonl and the plot still carry everything
+                self.writer = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record.get("step", 0))
+
+    def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
+                   print_line: bool) -> None:
+        self.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+        if self.start_step is None:
+            self.start_step, self.start_time = step - 1, time.perf_counter()
+        if self.enabled and print_line:
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / max(1, done) * (self.total_steps - step)
+            print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
+                  f"| {tokens_per_s:,.0f} tok/s | ETA {_fmt(eta)}", flush=True)
+
+    def evaluation(self, step: int, split: str, loss: float) -> None:
+        ppl = math.exp(min(loss, 50.0))
+        prefix = "val" if split == "valid" else split
+        self.log({"step": step, f"{prefix}_loss": loss, f"{prefix}_ppl": ppl})
+        if self.enabled:
+            print(f"step {step:>6} | {split} loss {loss:.4f} | {split} perplexity {ppl:.2f}", flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_loss_curve(run_dir, out_name: str = "loss_curve.png") -> Path:
+    """Training loss (and validation loss) against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = {r["step"]: r["loss"] for r in records if "loss" in r}      # a resumed run overwrites its steps
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(train), list(train.values()), label="train loss", lw=1)
+    if val:
+        ax.plot(list(val), list(val.values()), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"megalm: {Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / out_name
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,132 @@
+"""megalm's own engine: torch AdamW/SGD, data-parallel gradient all-reduce, tied-embedding sums, clipping.
+
+The DeepSpeed engine (``megalm.engine``) offers the same five methods, so the loop and the pipeline schedules
+never know which one runs: ``forward``, ``backward``, ``step``, ``state_tensors``, ``load_state_tensors``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megalm.config import Config
+from megalm.parallel.parallelize import counts_in_norm, is_tied_copy, tied_embedding_params
+from megalm.parallel.pipeline.stage import sum_tied_gradients
+from megalm.parallel.topology import Topology
+from megalm.train.optim import build_optimizer
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA GPU (dynamic loss scaling); on this CPU use "
+                         "train.precision=bf16")
+
+
+class NativeEngine:
+    def __init__(self, cfg: Config, topo: Topology, chunks, device: torch.device):
+        check_precision(cfg.train.precision, device)
+        self.cfg, self.topo, self.chunks, self.device = cfg, topo, chunks, device
+        self.named = [(f"{c}:{n}", n, p, chunk) for c, chunk in enumerate(chunks) for n, p in chunk.named_parameters()]
+        self.optimizer = build_optimizer(cfg, [(key, p) for key, _, p, _ in self.named])
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
+
+    def forward(self, chunk: int, x, targets=None):
+        with autocast_for(self.cfg.train.precision, self.device):
+            return self.chunks[chunk](x, targets)
+
+    def backward(self, chunk: int, output, output_grad=None):
+        if output_grad is None:
+            output = self.scaler.scale(output) if self.scaler else output
+            output.backward()
+        else:
+            torch.autograd.backward(output, output_grad)
+
+    def params(self):
+        return [p for _, _, p, _ in self.named]
+
+    def _all_reduce_data_parallel(self) -> None:
+        if self.topo.dp == 1:
+            return
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.topo.dp_group)
+        flat /= self.topo.dp
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
+    def grad_norm(self) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _, name, p, chunk in self.named:
+            if p.grad is not None and counts_in_norm(chunk, name, p, self.topo):
+                total += p.grad.double().pow(2).sum()
+        if self.topo.mp_group is not None:
+            dist.all_reduce(total, group=self.topo.mp_group)
+        return float(total.sqrt())
+
+    def step(self, lr: float) -> float:
+        """Reduce gradients, clip, update, zero. Returns the global gradient norm before clipping."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        sum_tied_gradients(tied_embedding_params(self.chunks, self.topo), self.topo)
+        self._all_reduce_data_parallel()
+        norm = self.grad_norm()
+        clip = self.cfg.train.grad_clip
+        if clip > 0 and norm > clip:
+            for p in self.params():
+                if p.grad is not None:
+                    p.grad.mul_(clip / (norm + 1e-6))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # ---- checkpoint seam: (global name, local tensor, shard spec) triples ----
+    def state_tensors(self, with_optimizer: bool = True):
+        """Model weights and, per weight, its optimizer state, under layout-free names."""
+        for _, name, p, chunk in self.named:
+            if is_tied_copy(chunk, name, self.topo):
+                continue
+            yield f"model.{name}", p.detach(), p.shard
+            if not with_optimizer:
+                continue
+            state = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                if key in state and state[key] is not None:
+                    yield f"optim.{key}.{name}", state[key], p.shard
+
+    def optimizer_step_count(self) -> int:
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    @torch.no_grad()
+    def load_state_tensors(self, read, step_count: int, with_optimizer: bool = True) -> None:
+        """``read(name, shard_spec, local_shape)`` returns this rank's slice of a stored tensor, or None."""
+        for _, name, p, _ in self.named:
+            p.copy_(read(f"model.{name}", p.shard, tuple(p.shape)))
+            if not with_optimizer or step_count == 0:
+                continue
+            state = {}
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                value = read(f"optim.{key}.{name}", p.shard, tuple(p.shape), optional=True)
+                if value is not None:
+                    state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+            if self.cfg.optimizer.name == "adamw":
+                state["step"] = torch.tensor(float(step_count))
+            if state:
+                self.optimizer.state[p] = state

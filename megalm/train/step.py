@@ -1,0 +1,85 @@
+"""One training step and one evaluation pass, through whichever pipeline schedule and engine the run uses."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megalm.parallel.pipeline.schedules import SCHEDULES
+from megalm.parallel.topology import Topology
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN or infinite: the run stops before the optimizer step."""
+
+
+def _callbacks(engine, p2p, micro_batches):
+    m = len(micro_batches)
+
+    def forward_step(chunk, i, x):
+        tokens = micro_batches[i]
+        inputs = tokens[:, :-1] if p2p.is_first(chunk) else x
+        targets = tokens[:, 1:] if p2p.is_last(chunk) else None
+        out = engine.forward(chunk, inputs, targets)
+        return out / m if p2p.is_last(chunk) else out
+
+    def backward_step(chunk, i, x, out, out_grad):
+        engine.backward(chunk, out, out_grad)
+        return None if x is None else x.grad
+
+    return forward_step, backward_step
+
+
+def global_mean(value: float, topo: Topology, device) -> float:
+    """Sum over pipeline stages (only the last one holds a loss), mean over data-parallel replicas."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if topo.pp_group is not None:
+        dist.all_reduce(t, group=topo.pp_group)
+    if topo.dp_group is not None:
+        dist.all_reduce(t, group=topo.dp_group)
+        t /= topo.dp
+    return float(t)
+
+
+def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int, stats=None):
+    """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm)."""
+    fwd, bwd = _callbacks(engine, p2p, micro_batches)
+    losses = SCHEDULES[schedule](p2p, len(micro_batches), len(engine.chunks), fwd, bwd, stats)
+    local = float(sum(loss.double() for loss in losses)) if losses else 0.0
+    loss = global_mean(local, topo, p2p.device)
+    if not math.isfinite(loss):
+        where = (f"pipeline stage {topo.pp_rank}" if losses else "the last pipeline stage")
+        raise NonFiniteLoss(f"non-finite loss {loss} at step {step} (computed on {where}); stopping before the "
+                            f"optimizer step, so the last checkpoint is intact. Lower optimizer.lr or use fp32")
+    return loss, engine.step(lr)
+
+
+@torch.no_grad()
+def evaluate(engine, p2p, batches, topo: Topology) -> float:
+    """Mean token loss over ``batches`` (this data-parallel rank's share), forward only through the pipeline."""
+    for chunk in engine.chunks:
+        chunk.eval()
+    total, count = 0.0, 0
+    try:
+        for tokens in batches:
+            for c in range(len(engine.chunks)):
+                x = tokens[:, :-1] if p2p.is_first(c) else p2p.recv_forward(c)
+                out = engine.forward(c, x, tokens[:, 1:] if p2p.is_last(c) else None)
+                if p2p.is_last(c):
+                    total += float(out) * tokens.shape[0]
+                else:
+                    p2p.send_forward(out, c)
+            count += tokens.shape[0]
+        p2p.flush()
+    finally:
+        for chunk in engine.chunks:
+            chunk.train()
+    stats = torch.tensor([total, count], dtype=torch.float64, device=p2p.device)
+    if topo.pp_group is not None:   # the loss lives on the last stage; counts are the same on every stage
+        loss_only = torch.tensor([stats[0].item(), 0.0], dtype=torch.float64, device=p2p.device)
+        dist.all_reduce(loss_only, group=topo.pp_group)
+        stats[0] = loss_only[0]
+    if topo.dp_group is not None:
+        dist.all_reduce(stats, group=topo.dp_group)
+    return float(stats[0] / stats[1])
