@@ -137,6 +137,9 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables."""
     device: str = "auto"
     """auto (CUDA when available), cuda or cpu."""
+    stop_at_step: Optional[int] = None
+    """Stop after this step with a checkpoint, as if interrupted (the schedule still ends at train.steps);
+    rerunning the same command resumes. For jobs that must fit a time slot."""
 
 
 @dataclass
@@ -293,6 +296,11 @@ def _coerce(dotted: str, value: Any, hint) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{dotted}={value!r} must be an integer")
+    if base is float and isinstance(value, str):
+        try:
+            value = float(value)      # YAML 1.1 reads "1e-2" (no dot) as a string
+        except ValueError:
+            pass
     if base is float and not isinstance(value, (int, float)):
         raise ConfigError(f"{dotted}={value!r} must be a number")
     if base is float:

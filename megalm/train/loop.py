@@ -89,7 +89,8 @@ def train(cfg: Config) -> dict:
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     result = {"step": step}
-    while step < t.steps:
+    last = min(t.steps, t.stop_at_step or t.steps)
+    while step < last:
         torch.manual_seed(t.seed + step)     # dropout masks depend on (seed, step) only: exact resume
         begin = time.perf_counter()
         micro = [b.to(rt.device) for b in sampler.next_batch()]
@@ -98,10 +99,15 @@ def train(cfg: Config) -> dict:
         log.train_step(step, loss, lr_at(step - 1, cfg), norm, tokens_per_step / (time.perf_counter() - begin),
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1)
         result.update(step=step, loss=loss)
-        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+        if t.eval_interval and step % t.eval_interval == 0 and step < last:
             result["val_loss"] = run_eval("valid")
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < last:
             save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+    if step < t.steps:        # stopped early on purpose: checkpoint and leave, the next run resumes here
+        save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+        log.close()
+        finish()
+        return result
     result["val_loss"] = run_eval("valid")
     result["test_loss"] = run_eval("test")
     save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny preprocessed corpus (a few standard-library files) and small configs."""
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "heapq.py", "keyword.py",
+                "opcode.py", "queue.py", "shlex.py", "string.py", "textwrap.py", "this.py", "types.py"]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """PREFIX of a dataset preprocessed from 14 standard-library files with a 512-token BPE."""
+    from megalm.data.preprocess import preprocess
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus") / "tiny"
+    preprocess([str(stdlib / f) for f in STDLIB_FILES], str(out), vocab_size=512, workers=1, show_progress=False)
+    return str(out)
+
+
+def tiny_overrides(prefix: str, run_dir, **extra) -> list[str]:
+    """A 2-layer model that trains a step in well under a second on one CPU core."""
+    base = {
+        "data.prefix": prefix, "data.seq_len": 32, "model.max_seq_len": 32, "model.hidden_size": 32,
+        "model.num_layers": 2, "model.num_heads": 4, "model.ffn_hidden_size": 64,
+        "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.steps": 6, "train.run_dir": str(run_dir),
+        "train.eval_interval": 0, "train.eval_samples": 8, "train.log_interval": 100, "checkpoint.interval": 0,
+        "logging.plot": "false", "logging.tensorboard": "false", "lr.warmup_steps": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,69 @@
+"""Config parsing and the validation rules: every message names the numbers and the fix."""
+import glob
+
+import pytest
+
+from megalm.config import ConfigError, load_config
+
+
+def check(overrides, world=None):
+    return load_config(None, overrides).validate(world)
+
+
+@pytest.mark.parametrize("overrides,world,needles", [
+    (["model.num_heads=6", "model.hidden_size=96", "parallel.tp=4"], 4, ["num_heads=6", "parallel.tp=4"]),
+    (["model.num_kv_heads=3", "model.num_heads=6", "model.hidden_size=96", "parallel.tp=2"], 2,
+     ["num_kv_heads=3", "tp=2"]),
+    (["model.num_layers=6", "parallel.pp=4"], 4, ["num_layers=6", "4 x 1 = 4"]),
+    (["model.num_layers=8", "parallel.pp=2", "parallel.virtual_stages=3"], 2, ["2 x 3 = 6"]),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, ["global_batch_size=10", "4 x 1 = 4"]),
+    (["train.global_batch_size=16", "train.micro_batch_size=4"], 3, ["4 x 3 = 12"]),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127", "model.max_seq_len=128"], 2,
+     ["seq_len=127", "tp=2"]),
+    (["parallel.tp=2"], 3, ["world size 3", "tp x pp"]),
+    (["parallel.tp=2", "parallel.dp=2"], 2, ["world size 2", "parallel.dp=1"]),
+    (["model.vocab_size=1001", "parallel.tp=2"], 2, ["vocab_size=1001", "multiple of 2"]),
+    (["parallel.pp=2", "parallel.virtual_stages=2", "model.num_layers=4", "train.global_batch_size=24",
+      "train.micro_batch_size=8"], 2, ["multiple of parallel.pp=2", "3"]),
+    (["parallel.zero_offload=true", "parallel.zero_stage=1"], 1, ["zero_offload", "2 or 3"]),
+    (["data.seq_len=512"], 1, ["data.seq_len=512", "max_seq_len"]),
+])
+def test_invalid_layouts_name_numbers(overrides, world, needles):
+    with pytest.raises(ConfigError) as err:
+        check(overrides, world)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'model.hidden_size'"):
+        load_config(None, ["model.hiden_size=3"])
+    with pytest.raises(ConfigError, match="did you mean 'parallel'"):
+        load_config(None, ["paralel.tp=2"])
+
+
+def test_types_are_checked():
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(None, ["parallel.tp=two"])
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(None, ["parallel.sequence_parallel=maybe"])
+    with pytest.raises(ConfigError, match="not one of"):
+        check(["model.norm=batchnorm"])
+
+
+def test_overrides_apply_in_order_and_parse_types():
+    cfg = load_config("configs/tiny.yaml", ["train.steps=7", "optimizer.lr=1e-2", "train.steps=9"])
+    assert cfg.train.steps == 9 and cfg.optimizer.lr == 0.01 and cfg.model.vocab_size is None
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+def test_presets_are_valid(path):
+    cfg = load_config(path, ["model.vocab_size=32768"])
+    cfg.validate()
+    assert cfg.model.vocab_size == 32768
+
+
+def test_valid_layouts_pass():
+    check(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "model.num_kv_heads=1",
+           "train.global_batch_size=16"], 8)
+    check(["parallel.pp=2", "parallel.virtual_stages=2", "train.global_batch_size=16"], 2)

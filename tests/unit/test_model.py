@@ -1,0 +1,109 @@
+"""The model against an independent implementation (Hugging Face transformers) and basic invariants."""
+import pytest
+import torch
+
+from megalm.checkpoint.hf import from_hf, hf_config_from_model, model_config_from_hf, to_hf
+from megalm.config import ModelConfig
+from megalm.model.transformer import ModelChunk, init_chunk
+from megalm.parallel.topology import TensorParallel
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (pip install megalm[test])")
+
+LLAMA = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+                    max_seq_len=32, norm="rmsnorm", activation="swiglu", position="rope", rope_theta=500000.0,
+                    tie_embeddings=False, bias=False)
+GPT2 = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=32, norm="layernorm",
+                   activation="gelu", position="learned", tie_embeddings=True, bias=True)
+
+
+def single(cfg: ModelConfig, seed: int = 0) -> ModelChunk:
+    model = ModelChunk(cfg, TensorParallel(), range(cfg.num_layers), first=True, last=True)
+    init_chunk(model, cfg, seed)
+    return model
+
+
+def hf_model(cfg: ModelConfig):
+    hf = hf_config_from_model(cfg)
+    if hf["model_type"] == "gpt2":
+        config = transformers.GPT2Config(**{k: v for k, v in hf.items() if k != "architectures"})
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_logits_equal_hugging_face(cfg):
+    torch.manual_seed(0)
+    hf = hf_model(cfg)
+    with torch.no_grad():          # random weights everywhere, norms and biases included
+        for p in hf.parameters():
+            p.normal_(0, 0.1)
+    ours = ModelChunk(cfg, TensorParallel(), range(cfg.num_layers), first=True, last=True).eval()
+    mapped = dict(from_hf(hf.state_dict().items(), cfg))
+    missing, unexpected = ours.load_state_dict(mapped, strict=True)
+    assert not missing and not unexpected
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_hugging_face_round_trip_is_exact(cfg):
+    ours = single(cfg)
+    hf_tensors = dict(to_hf(ours.state_dict().items(), cfg))
+    back = dict(from_hf(hf_tensors.items(), cfg))
+    assert set(back) == set(ours.state_dict())
+    for name, t in ours.state_dict().items():
+        assert torch.equal(back[name], t), name
+    assert model_config_from_hf(hf_config_from_model(cfg)).ffn_size == cfg.ffn_size
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_causal(cfg):
+    model = single(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_kv_cache_matches_full_forward():
+    model = single(LLAMA).eval()
+    tokens = torch.randint(0, LLAMA.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = {}
+        first = model(tokens[:, :8], cache=cache)
+        steps = [model(tokens[:, i:i + 1], cache=cache, start_pos=i) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat([first] + steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_is_deterministic_and_seeded():
+    a, b, c = single(LLAMA, 1), single(LLAMA, 1), single(LLAMA, 2)
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y), name
+        if x.dim() == 2:
+            assert not torch.equal(x, z), name
+
+
+def test_scaled_residual_init():
+    model = single(GPT2)
+    std_in = model.layers["0"].attn.wq.weight.std().item()
+    std_out = model.layers["0"].attn.wo.weight.std().item()
+    assert std_out == pytest.approx(std_in / (2 * GPT2.num_layers) ** 0.5, rel=0.15)
+
+
+def test_loss_is_mean_token_cross_entropy():
+    model = single(GPT2)
+    tokens = torch.randint(0, GPT2.vocab_size, (2, 9))
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    logits = model(tokens[:, :-1])
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, GPT2.vocab_size), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
