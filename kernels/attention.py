@@ -1,0 +1,350 @@
+"""Flash attention in Triton (FlashAttention-2, Dao 2023, arXiv:2307.08691), beside its PyTorch reference.
+
+Layout: q (B, Hq, T, D); k, v (B, Hkv, T, D) with Hq % Hkv == 0. Grouped-query attention maps query head h
+to key/value head h // (Hq // Hkv) by pointer arithmetic: K/V are never repeated in memory.
+
+Forward: online softmax over key blocks, fp32 accumulators, saving per query row the log-sum-exp of the
+scaled scores (in base 2: the kernels use exp2 with the scale folded into log2(e)).
+Backward: recomputes the probabilities from the saved log-sum-exp. One kernel owns a key block and walks all
+queries of every head in its group (so GQA's dK/dV sums happen in registers, never with atomics); dQ comes
+either from a second kernel that owns a query block (deterministic) or from fp32 atomic adds in the first
+(one pass fewer, run-to-run bit differences on a GPU).
+
+fp32 inputs use IEEE fp32 dots (no TF32). bf16 dots are wrong in Triton's interpreter (it multiplies raw
+bit patterns), so under the interpreter bf16 tiles are upcast to fp32 before every ``tl.dot``, after the same
+rounding the GPU path applies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .utils import attention_blocks, can_launch, interpreting, next_power_of_2, tl, triton
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length "
+                         f"or head dim")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def attention_reference(q, k, v, causal=True, softmax_scale=None):
+    """Softmax attention in plain PyTorch, in the inputs' dtype (scores and softmax in fp32, probabilities
+    rounded to the value dtype as the kernel does). GQA by repeating K/V: it is the reference."""
+    _check(q, k, v)
+    B, Hq, T, D = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    group = Hq // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hq, T, T)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # fp32 accumulation always; IEEE: fp32 operands without TF32; UPCAST: interpreter-safe bf16.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, Hq, T, D) queries, any strides with the last dim contiguous
+    K,  # (B, Hkv, T, D) keys, any strides with the last dim contiguous
+    V,  # (B, Hkv, T, D) values, any strides with the last dim contiguous
+    O,  # (B, Hq, T, D) output, contiguous
+    LSE,  # (B * Hq, T) fp32 output: log2(sum_j exp2(s_ij)) of the base-2 scaled scores s, for the backward
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,  # strides of Q, K, V (batch, head, time)
+    H, T, D,  # query heads, sequence length, head dim
+    qk_scale,  # softmax_scale * log2(e)
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B * H * T * D may pass 2^31
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of s
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(T, start_m + BLOCK_M)
+    # The first key block always holds key 0, visible to every row, so m_i is finite after one step.
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < T) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        ok = cols[None, :] < T
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= cols[None, :])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    tl.store(O + bh * T * D + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O,  # (B, Hq, T, D) forward output, contiguous
+    DO,  # (B, Hq, T, D) output gradient, contiguous
+    DELTA,  # (B * Hq, T) fp32 output: delta_i = sum_d O_id * dO_id
+    T, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B * H * T * D may pass 2^31
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    ptrs = bh * T * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+# Backward math, per (batch, query head), with c = softmax_scale:
+#   S = c Q K^T,  P = softmax(S) = exp(S - LSE),  O = P V
+#   dV = P^T dO                      (summed over the query heads sharing a K/V head)
+#   dP = dO V^T
+#   dS = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = sum_d O_id dO_id
+#   dQ = c dS K,   dK = c dS^T Q     (dK also summed over the group)
+# P, dS are rounded to the input dtype before their dots, as in the forward.
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,  # (B, Hq, T, D) queries, strides sq*
+    K,  # (B, Hkv, T, D) keys, strides sk*
+    V,  # (B, Hkv, T, D) values, strides sv*
+    DO,  # (B, Hq, T, D) output gradient, contiguous
+    DK,  # (B, Hkv, T, D) output: key gradient, contiguous
+    DV,  # (B, Hkv, T, D) output: value gradient, contiguous
+    LSE,  # (B * Hq, T) fp32 base-2 log-sum-exp from the forward
+    DELTA,  # (B * Hq, T) fp32 rowsum(O * dO)
+    DQ_ACC,  # (B, Hq, T, D) fp32 zeros, accumulated with atomics when ATOMIC_DQ (else unused)
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    H_KV, T, D,
+    qk_scale, sm_scale,  # softmax_scale * log2(e), softmax_scale
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    b, hk = bhk // H_KV, bhk % H_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:  # queries before this key block cannot see it
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    H = H_KV * GROUP
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < T
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask,
+                        other=0.0)
+            do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+            ok = m_ok[:, None] & (offs_n[None, :] < T)
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+            if ATOMIC_DQ:
+                dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * sm_scale
+                tl.atomic_add(DQ_ACC + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=q_mask)
+    out = bhk * T * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,  # (B, Hq, T, D) queries, strides sq*
+    K,  # (B, Hkv, T, D) keys, strides sk*
+    V,  # (B, Hkv, T, D) values, strides sv*
+    DO,  # (B, Hq, T, D) output gradient, contiguous
+    DQ,  # (B, Hq, T, D) output: query gradient, contiguous
+    LSE,  # (B * Hq, T) fp32 base-2 log-sum-exp from the forward
+    DELTA,  # (B * Hq, T) fp32 rowsum(O * dO)
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    H, T, D,
+    qk_scale, sm_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B * H * T * D may pass 2^31
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(T, start_m + BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        ok = m_ok[:, None] & (offs_n[None, :] < T)
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host launchers
+
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def _flags(q):
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    return dict(UPCAST=upcast, IEEE=q.dtype == torch.float32)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _attn_forward(q, k, v, causal, scale):
+    B, Hq, T, D = q.shape
+    o = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B * Hq, T), dtype=torch.float32, device=q.device)
+    cfg = attention_blocks(D, q.dtype, "fwd")
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
+    _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q, k, v), Hq, T, D, scale * math.log2(math.e),
+                           GROUP=Hq // k.shape[1], CAUSAL=causal, BLOCK_D=max(16, next_power_of_2(D)),
+                           **_flags(q), **cfg)
+    return o, lse
+
+
+def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    BLOCK_D = max(16, next_power_of_2(D))
+    do = do.contiguous()
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=BLOCK_D)
+    dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=v.device)
+    dq_acc = None if deterministic else torch.zeros((B, Hq, T, D), dtype=torch.float32, device=q.device)
+    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_D=BLOCK_D, **_flags(q))
+    qk_scale = scale * math.log2(math.e)
+    cfg = attention_blocks(D, q.dtype, "dkdv")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, dq_acc if dq_acc is not None else dk, *_strides(q, k, v),
+        Hkv, T, D, qk_scale, scale, ATOMIC_DQ=not deterministic, **common, **cfg)
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    cfg = attention_blocks(D, q.dtype, "dq")
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
+        q, k, v, do, dq, lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale, scale, **common, **cfg)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, deterministic):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = _attn_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
+    """Fused attention: q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D) in q's dtype.
+
+    ``deterministic=True`` computes dQ in its own pass instead of with atomics, so gradients are
+    bit-identical run to run. Falls back to ``attention_reference`` where Triton cannot run.
+    """
+    _check(q, k, v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not can_launch(q, k, v):
+        return attention_reference(q, k, v, causal, scale)
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic)

@@ -1,0 +1,58 @@
+"""The shipped benchmark (CPU: references only) and the package without Triton."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from megalm.kernels import bench
+from megalm.kernels.utils import interpreting, triton_available
+
+
+def test_bench_runs_references_on_cpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("on a GPU the benchmark runs the full sweep; run it by hand")
+    rows, peaks = bench.main(["--quick", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "references only" in text and "TFLOP/s" in text and "GB/s" in text
+    assert {r["provider"] for r in rows} == {"reference"}
+    assert {r["kind"] for r in rows} == {"attention", "layernorm", "rmsnorm"}
+    assert {(r["mode"], r["causal"], r["head_dim"]) for r in rows if r["kind"] == "attention"} == {
+        (m, c, d) for m in ("fwd", "fwd+bwd") for c in (False, True) for d in (64, 128)}
+    assert peaks["matmul_tflops"] > 0 and peaks["copy_gbps"] > 0
+    for name in ("bench.csv", "bench.json", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    meta = json.loads((tmp_path / "bench.json").read_text())
+    assert meta["references_only"] is True and len(meta["rows"]) == len(rows)
+
+
+def test_triton_available_under_interpreter():
+    assert triton_available() == (interpreting() or torch.cuda.is_available())
+
+
+def test_imports_and_falls_back_without_triton():
+    """With triton unimportable, every module imports and every wrapper returns its reference's result."""
+    code = """
+import sys
+sys.modules["triton"] = None
+import torch
+from megalm.kernels import attention, bench, cross_entropy, norm, rope, swiglu, utils
+assert not utils.HAS_TRITON and not utils.triton_available()
+q = torch.randn(1, 3, 5, 16); k = torch.randn(1, 1, 5, 16)
+assert torch.equal(attention.flash_attention(q, k, k), attention.attention_reference(q, k, k))
+x, w = torch.randn(4, 7), torch.randn(7)
+assert torch.equal(norm.rms_norm(x, w, 1e-5), norm.rms_norm_reference(x, w, 1e-5))
+assert torch.equal(norm.layer_norm(x, w, None, 1e-5), norm.layer_norm_reference(x, w, None, 1e-5))
+assert torch.equal(swiglu.swiglu(x, x), swiglu.swiglu_reference(x, x))
+cos, sin = torch.randn(5, 16), torch.randn(5, 16)
+assert torch.equal(rope.apply_rope(q, cos, sin), rope.rope_reference(q, cos, sin))
+t, wv = torch.tensor([1, 2, 3, -100]), torch.randn(11, 7)
+torch.testing.assert_close(cross_entropy.linear_cross_entropy(x, wv, t, chunk_rows=2),
+                           cross_entropy.linear_cross_entropy_reference(x, wv, t))
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
