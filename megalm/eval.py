@@ -56,5 +56,5 @@ def main(argv=None) -> int:
     if rt.is_logging_rank:
         print(f"eval {where}: {sum(b.shape[0] for b in batches)} samples x {seq} tokens | loss {loss:.4f} | "
               f"perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
-    finish()
+    finish(rt)
     return 0

@@ -110,5 +110,5 @@ def main(argv=None) -> int:
                        args.top_k, args.top_p, args.seed, tokenizer.vocab_size, tokenizer.eod_id, cfg.model.max_seq_len)
     if rt.is_logging_rank:
         print(tokenizer.decode(ids), flush=True)
-    finish()
+    finish(rt)
     return 0

@@ -77,7 +77,9 @@ def start(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> Runtime:
     return Runtime(cfg, info, device, topo)
 
 
-def finish() -> None:
+def finish(rt: Runtime) -> None:
+    """Leave the process group, unless someone else (a test harness, a notebook) created it."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if rt.info.launcher != "preinitialized":
+            dist.destroy_process_group()

@@ -23,7 +23,8 @@ def _worker(rank, world_size, store_path, fn, args, errors):
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0):

@@ -43,6 +43,9 @@ def discover(env: dict | None = None) -> LaunchInfo:
     """Read rank and world from the environment the launcher left."""
     env = os.environ if env is None else env
     port = int(env.get("MASTER_PORT", 29500))
+    if dist.is_initialized():   # the caller (a test harness, a notebook) already joined a group: use it
+        return LaunchInfo(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", dist.get_rank())),
+                          env.get("MASTER_ADDR", "127.0.0.1"), port, "preinitialized")
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun/deepspeed")

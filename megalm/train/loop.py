@@ -66,7 +66,12 @@ def train(cfg: Config) -> dict:
     adopt_checkpoint_model(cfg, reader)
     rt = start(cfg, dataset_tokenizer(cfg))
     topo, t = rt.topo, cfg.train
-    chunks = build_chunks(cfg, topo, rt.device, init=reader is None)
+    if cfg.uses_deepspeed:     # ZeRO-3 builds the layers already partitioned over data parallelism
+        from megalm.engine import build_deepspeed_chunks
+
+        chunks = build_deepspeed_chunks(cfg, topo, rt.device, init=reader is None)
+    else:
+        chunks = build_chunks(cfg, topo, rt.device, init=reader is None)
     engine = make_engine(cfg, rt, chunks)
     step, consumed = restore(engine, reader) if reader else (0, 0)
     data = {split: TokenDataset(cfg.data.prefix, split, cfg.data.seq_len, cfg.data.seed, cfg.model.vocab_size,
@@ -106,7 +111,7 @@ def train(cfg: Config) -> dict:
     if step < t.steps:        # stopped early on purpose: checkpoint and leave, the next run resumes here
         save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
         log.close()
-        finish()
+        finish(rt)
         return result
     result["val_loss"] = run_eval("valid")
     result["test_loss"] = run_eval("test")
@@ -114,7 +119,7 @@ def train(cfg: Config) -> dict:
     if rt.is_logging_rank and cfg.logging.plot:
         print(f"loss curve: {plot_loss_curve(t.run_dir)}")
     log.close()
-    finish()
+    finish(rt)
     return result
 
 
