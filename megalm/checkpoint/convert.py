@@ -1,0 +1,277 @@
+"""``megalm convert``: checkpoints between megalm layouts, from and to Hugging Face, from DeepSpeed ZeRO.
+
+    megalm convert layout  --src CKPT --dst DIR [--tp N] [--pp N] [--virtual-stages N] [--verify]
+    megalm convert from-hf --src HF_DIR --dst DIR [--tp N] [--pp N] [--verify]
+    megalm convert to-hf   --src CKPT --dst HF_DIR [--verify]
+    megalm convert from-deepspeed --src DS_DIR --dst DIR --config FILE [--tag TAG] [--verify]
+
+Every conversion streams one tensor (or one piece of one) at a time: peak memory is a small multiple of the
+largest tensor. The destination is written aside and renamed into place at the end, and an existing
+destination is never overwritten. ``--verify`` runs the model before and after on a fixed batch and fails
+unless the logits agree (max |difference| <= 1e-5 and KL <= 1e-9 in fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megalm.checkpoint.format import (
+    COMMITTED, FORMAT, MANIFEST, VERSION, CheckpointError, latest_checkpoint, sha256_file, write_text_atomic,
+)
+from megalm.checkpoint.load import CheckpointReader
+from megalm.checkpoint.plan import plan_layout
+from megalm.checkpoint.writer import PlannedSafetensorsFile, dtype_from_name
+from megalm.config import Config, ModelConfig
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot start; the message names the file or the numbers."""
+
+
+def _prepare_destination(dst: Path) -> Path:
+    if dst.exists() and any(dst.iterdir()):
+        raise ConvertError(f"{dst} exists and is not empty; megalm convert never overwrites: choose a new --dst")
+    tmp = dst.with_name(dst.name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _check_layout(model: ModelConfig, tp: int, pp: int, vs: int) -> None:
+    cfg = Config(model=model)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.virtual_stages = tp, pp, vs
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * max(pp, 1)
+    cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
+    try:
+        cfg.validate(tp * pp)
+    except ValueError as e:
+        raise ConvertError(f"target layout tp={tp} pp={pp} virtual_stages={vs} does not fit the model: {e}") from e
+
+
+def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, source, meta: dict, tp=1, pp=1, vs=1,
+                     tokenizer_file=None, label="convert") -> dict:
+    """Write a megalm checkpoint in layout (tp, pp, vs).
+
+    tensors: name -> (dtype, global shape), every tensor the source holds. source(name) yields that tensor's
+    value as a callable ``piece(spec, local_shape) -> tensor``; it is called in the order the source prefers
+    (``source`` is an iterator of (name, piece) pairs).
+    """
+    _check_layout(model, tp, pp, vs)
+    tmp = _prepare_destination(dst)
+    plan = plan_layout(model, list(tensors), tp, pp, vs)
+    files = {f: PlannedSafetensorsFile(tmp / f, [(p.name, dtype_from_name(tensors[p.name][0]), p.local_shape)
+                                                 for p in pieces]) for f, pieces in plan.items()}
+    by_name: dict[str, list] = {}
+    for f, pieces in plan.items():
+        for p in pieces:
+            if tuple(tensors[p.name][1]) != p.global_shape:
+                raise ConvertError(f"{p.name}: source shape {list(tensors[p.name][1])} but the model config needs "
+                                   f"{list(p.global_shape)}; the source is another model")
+            by_name.setdefault(p.name, []).append((f, p))
+    total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype_from_name(dt)).element_size()
+                for dt, shape in tensors.values())
+    start = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
+        for name, piece in source:
+            for f, p in by_name.get(name, []):
+                files[f].write(name, piece(p.spec, p.local_shape))
+            bar.update(torch.Size(tensors[name][1]).numel() * torch.empty((), dtype=dtype_from_name(
+                tensors[name][0])).element_size())
+    for handle in files.values():
+        handle.close()
+    manifest = {"format": FORMAT, "version": VERSION, **meta, "tensors": {}, "files": {}}
+    manifest["layout"] = {"tp": tp, "pp": pp, "dp": 1, "virtual_stages": vs, "sequence_parallel": False,
+                          "zero_stage": 0, "engine": "native"}
+    for f, pieces in plan.items():
+        manifest["files"][f] = sha256_file(tmp / f)
+        for p in pieces:
+            dim = p.spec.dim if p.spec.dim is not None and p.spec.parts > 1 else None
+            offset = p.spec.index * p.local_shape[dim] if dim is not None else 0
+            length = p.local_shape[dim] if dim is not None else (p.local_shape[0] if p.local_shape else 1)
+            slot = manifest["tensors"].setdefault(p.name, {"shape": list(p.global_shape),
+                                                           "dtype": tensors[p.name][0], "pieces": []})
+            slot["pieces"].append({"file": f, "key": p.name, "dim": dim, "offset": offset, "length": length})
+    if tokenizer_file and Path(tokenizer_file).exists():
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(tmp / COMMITTED, f"{time.time():.0f}\n")
+    tmp.rename(dst) if not dst.exists() else (dst.rmdir(), tmp.rename(dst))
+    seconds = time.perf_counter() - start
+    print(f"{label}: wrote {total / 1e9:.3f} GB in {len(plan)} files to {dst} in {seconds:.2f}s "
+          f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s)", flush=True)
+    return {"bytes": total, "seconds": seconds}
+
+
+def base_meta(cfg: Config, step: int = 0, consumed: int = 0, has_optimizer_state: bool = False,
+              optimizer_step: int = 0) -> dict:
+    return {"step": step, "config": cfg.to_dict(), "data": {"prefix": cfg.data.prefix, "consumed_samples": consumed},
+            "optimizer": {"name": cfg.optimizer.name, "step": optimizer_step, "has_state": has_optimizer_state},
+            "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"}}
+
+
+# ---- megalm -> megalm (another layout) -------------------------------------------------------------------
+
+def convert_layout(src, dst, tp=1, pp=1, vs=1) -> dict:
+    folder = latest_checkpoint(src)
+    if folder is None:
+        raise ConvertError(f"no committed megalm checkpoint under {src}")
+    reader = CheckpointReader(folder)
+    m = reader.manifest
+    cfg = Config.from_dict({k: v for k, v in m["config"].items()})
+    tensors = {n: (e["dtype"], tuple(e["shape"])) for n, e in m["tensors"].items()}
+    source = ((n, (lambda spec, shape, n=n: reader.read(n, spec, shape))) for n in tensors)
+    meta = {k: m[k] for k in ("step", "config", "data", "optimizer", "rng")}
+    meta["config"]["parallel"].update(tp=tp, pp=pp, virtual_stages=vs, dp=None)
+    tok = folder / "tokenizer.json"
+    return write_checkpoint(Path(dst), cfg.model, tensors, source, meta, tp, pp, vs, tok, "convert layout")
+
+
+# ---- Hugging Face -> megalm ------------------------------------------------------------------------------
+
+def _hf_tensor_files(src: Path) -> list[Path]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"{src} holds no *.safetensors files (PyTorch .bin checkpoints are refused: loading "
+                           f"them would unpickle untrusted data; convert them to safetensors first)")
+    return files
+
+
+def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
+    from safetensors import safe_open
+
+    from megalm.checkpoint.hf import from_hf, model_config_from_hf
+
+    src = Path(src)
+    if not (src / "config.json").exists():
+        raise ConvertError(f"{src}/config.json is missing: not a Hugging Face model folder")
+    model = model_config_from_hf(json.loads((src / "config.json").read_text()))
+    cfg = Config(model=model)
+    files = _hf_tensor_files(src)
+    # Plan from the headers: run the name mapping over meta tensors of the stored dtypes and shapes.
+    headers = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                s = h.get_slice(key)
+                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[s.get_dtype()]
+                headers.append((f, key, torch.empty(s.get_shape(), dtype=dtype, device="meta")))
+    tensors = {f"model.{n}": (str(t.dtype).replace("torch.", ""), tuple(t.shape))
+               for n, t in from_hf(((k, t) for _, k, t in headers), model)}
+
+    def source():
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    for name, t in from_hf([(key, h.get_tensor(key))], model):
+                        yield f"model.{name}", (lambda spec, shape, t=t: spec.take(t))
+
+    tok = src / "tokenizer.json"
+    return write_checkpoint(Path(dst), model, tensors, source(), base_meta(cfg), tp, pp, vs, tok, "convert from-hf")
+
+
+# ---- megalm -> Hugging Face ------------------------------------------------------------------------------
+
+def convert_to_hf(src, dst) -> dict:
+    from megalm.checkpoint.hf import hf_config_from_model, to_hf
+
+    folder = latest_checkpoint(src)
+    if folder is None:
+        raise ConvertError(f"no committed megalm checkpoint under {src}")
+    reader = CheckpointReader(folder)
+    model = Config.from_dict(reader.manifest["config"]).model
+    hf_config = hf_config_from_model(model)
+    names = [n for n in reader.manifest["tensors"] if n.startswith("model.")]
+    meta = ((n[len("model."):], torch.empty(reader.global_shape(n), device="meta",
+                                            dtype=dtype_from_name(reader.manifest["tensors"][n]["dtype"])))
+            for n in names)
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in to_hf(meta, model)]
+    dst = Path(dst)
+    tmp = _prepare_destination(dst)
+    start = time.perf_counter()
+    out = PlannedSafetensorsFile(tmp / "model.safetensors", entries)
+    total = 0
+    stream = ((n[len("model."):], reader.read(n)) for n in tqdm(names, desc="convert to-hf", leave=False))
+    for key, tensor in to_hf(stream, model):
+        out.write(key, tensor)
+        total += tensor.numel() * tensor.element_size()
+    out.close()
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
+    if (folder / "tokenizer.json").exists():
+        shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+             "model_max_length": model.max_seq_len}, indent=1))
+    tmp.rename(dst) if not dst.exists() else (dst.rmdir(), tmp.rename(dst))
+    seconds = time.perf_counter() - start
+    print(f"convert to-hf: wrote {total / 1e9:.3f} GB to {dst} in {seconds:.2f}s "
+          f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s)", flush=True)
+    return {"bytes": total, "seconds": seconds}
+
+
+# ---- DeepSpeed ZeRO -> megalm ----------------------------------------------------------------------------
+
+def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
+    from megalm.checkpoint.deepspeed import convert_deepspeed_checkpoint
+    from megalm.config import load_config
+
+    cfg = load_config(config_file)
+    return convert_deepspeed_checkpoint(src, dst, cfg.model, tag=tag)
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    from megalm.checkpoint import verify
+
+    ap = argparse.ArgumentParser(prog="megalm convert", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="kind", required=True)
+    for kind in ("layout", "from-hf", "to-hf", "from-deepspeed"):
+        p = sub.add_parser(kind)
+        p.add_argument("--src", required=True)
+        p.add_argument("--dst", required=True)
+        p.add_argument("--verify", action="store_true", help="compare logits before and after")
+        if kind in ("layout", "from-hf"):
+            p.add_argument("--tp", type=int, default=1)
+            p.add_argument("--pp", type=int, default=1)
+            p.add_argument("--virtual-stages", type=int, default=1)
+        if kind == "from-deepspeed":
+            p.add_argument("--config", required=True, help="the megalm config the DeepSpeed run trained")
+            p.add_argument("--tag", help="checkpoint tag (default: the 'latest' file)")
+    args = ap.parse_args(argv)
+    if args.kind == "layout":
+        convert_layout(args.src, args.dst, args.tp, args.pp, args.virtual_stages)
+    elif args.kind == "from-hf":
+        convert_from_hf(args.src, args.dst, args.tp, args.pp, args.virtual_stages)
+    elif args.kind == "to-hf":
+        convert_to_hf(args.src, args.dst)
+    else:
+        convert_from_deepspeed(args.src, args.dst, args.config, args.tag)
+    if args.verify:
+        _verify(args)
+    return 0
+
+
+def _verify(args) -> dict:
+    """Logits of the source (in its own format) against the converted model (in megalm or transformers)."""
+    from megalm.checkpoint import verify
+
+    megalm_side = args.src if args.kind == "to-hf" else args.dst
+    model_cfg = Config.from_dict(CheckpointReader(latest_checkpoint(megalm_side)).manifest["config"]).model
+    if args.kind == "layout":
+        before, after = verify.megalm_logits_fn(args.src), verify.megalm_logits_fn(args.dst)
+    elif args.kind == "from-hf":
+        before, after = verify.hf_logits_fn(args.src), verify.megalm_logits_fn(args.dst)
+    elif args.kind == "to-hf":
+        before, after = verify.megalm_logits_fn(args.src), verify.hf_logits_fn(args.dst)
+    else:
+        from megalm.checkpoint.deepspeed import deepspeed_logits_fn
+
+        before, after = deepspeed_logits_fn(args.src, model_cfg, args.tag), verify.megalm_logits_fn(args.dst)
+    return verify.compare(before, after, verify.fixed_batch(model_cfg), f"convert {args.kind}")
