@@ -40,6 +40,7 @@ class TensorParallel:
     size: int = 1
     rank: int = 0
     sequence_parallel: bool = False
+    comm: object = None  # a megalm.parallel.tensor.comm.CommStats counting elements moved; None = not counting
 
     @property
     def enabled(self) -> bool:
