@@ -22,7 +22,13 @@ import torch
 from tqdm import tqdm
 
 from megalm.checkpoint.format import (
-    COMMITTED, FORMAT, MANIFEST, VERSION, CheckpointError, latest_checkpoint, sha256_file, write_text_atomic,
+    COMMITTED,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    latest_checkpoint,
+    sha256_file,
+    write_text_atomic,
 )
 from megalm.checkpoint.load import CheckpointReader
 from megalm.checkpoint.plan import plan_layout
@@ -228,7 +234,6 @@ def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
 # ---- command line ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    from megalm.checkpoint import verify
 
     ap = argparse.ArgumentParser(prog="megalm convert", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="kind", required=True)

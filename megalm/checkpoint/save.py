@@ -12,12 +12,19 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megalm.checkpoint.format import (
-    COMMITTED, FORMAT, LATEST, MANIFEST, VERSION, checkpoints_root, sha256_file, step_dir_name, write_text_atomic,
+    COMMITTED,
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    VERSION,
+    checkpoints_root,
+    sha256_file,
+    step_dir_name,
+    write_text_atomic,
 )
 
 

@@ -23,21 +23,38 @@ from torch.utils.checkpoint import checkpoint
 from megalm.config import ModelConfig
 from megalm.model.ops import Ops, build_ops
 from megalm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
-from megalm.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec, VocabParallelEmbedding
+from megalm.parallel.tensor.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardSpec,
+    VocabParallelEmbedding,
+)
 from megalm.parallel.tensor.mappings import (
     copy_to_tp,
     gather_from_sequence,
     gather_from_tp_last_dim,
     reduce_grad_over_tp,
 )
+from megalm.parallel.tensor.random import tp_rng
 from megalm.parallel.topology import TensorParallel
 
 REPLICATED = ShardSpec(dim=None, parts=1, index=0)
 
 
-def enter_tp(x, tp: TensorParallel):
+def enter_tp(x, tp: TensorParallel, kind=None):
     """Into a tensor-parallel region: Megatron's f, or the sequence all-gather under sequence parallelism."""
-    return gather_from_sequence(x, tp) if tp.sequence_parallel else copy_to_tp(x, tp)
+    return gather_from_sequence(x, tp, kind=kind) if tp.sequence_parallel else copy_to_tp(x, tp, kind=kind)
+
+
+def sharded_dropout(x, p: float, training: bool, tp: TensorParallel, sharded: bool):
+    """Dropout with a per-TP-rank stream on sharded activations (each rank must draw its own mask) and the
+    shared stream on replicated ones (every rank must draw the same)."""
+    if p == 0.0 or not training:
+        return x
+    if sharded and tp.size > 1:
+        with tp_rng(0, tp, x.device):
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
 
 
 def replicated(tensor: torch.Tensor) -> nn.Parameter:
@@ -114,6 +131,9 @@ class Attention(nn.Module):
 
     def core(self, q, k, v):
         drop = self.cfg.dropout if self.training else 0.0
+        if drop and self.tp.size > 1:
+            with tp_rng(0, self.tp, q.device):      # my heads' probabilities: a mask of their own
+                return self.ops.attention(q, k, v, causal=True, dropout_p=drop)
         return self.ops.attention(q, k, v, causal=True, dropout_p=drop)
 
     def forward(self, x, rope=None, cache: Optional[dict] = None, selective_checkpoint: bool = False):
@@ -175,12 +195,15 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = Norm(cfg, tp, ops), Attention(cfg, tp, ops)
         self.mlp_norm, self.mlp = Norm(cfg, tp, ops), MLP(cfg, tp)
-        self.dropout, self.checkpointing = cfg.dropout, checkpointing
+        self.dropout, self.checkpointing, self.tp = cfg.dropout, checkpointing, tp
+
+    def _drop(self, x):
+        return sharded_dropout(x, self.dropout, self.training, self.tp, self.tp.sequence_parallel)
 
     def _body(self, x, rope, cache):
         selective = self.checkpointing == "selective"
-        x = x + F.dropout(self.attn(self.attn_norm(x), rope, cache, selective), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, selective))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
 
     def forward(self, x, rope=None, cache=None):
         if self.checkpointing == "full" and torch.is_grad_enabled() and cache is None:
@@ -219,7 +242,7 @@ class ModelChunk(nn.Module):
             if self.tp.sequence_parallel:
                 pos = reduce_grad_over_tp(pos, self.tp)            # each rank uses only its slice of positions
             h = h + pos[offset:offset + T]
-        return F.dropout(h, self.cfg.dropout, self.training)
+        return sharded_dropout(h, self.cfg.dropout, self.training, self.tp, self.tp.sequence_parallel)
 
     def rope(self, seq_len: int, start_pos: int, device):
         if self.cfg.position != "rope":
@@ -229,7 +252,7 @@ class ModelChunk(nn.Module):
 
     def head_logits(self, h):
         """Vocabulary-parallel logits (B, T, V/tp) of the final hidden states."""
-        h = enter_tp(self.norm(h), self.tp)
+        h = enter_tp(self.norm(h), self.tp, kind="lm_head")
         weight = self.embed.weight if self.cfg.tie_embeddings else self.head.weight
         return F.linear(h, weight)
 
@@ -237,9 +260,8 @@ class ModelChunk(nn.Module):
         """First chunk: x is tokens (B, T). Others: hidden states. Last chunk returns the mean loss when
         targets are given, else vocabulary-parallel logits; other chunks return hidden states."""
         h = self.embed_tokens(x, start_pos) if self.first else x
+        # The full sequence length: tokens on the first chunk, sequence shards elsewhere under SP.
         seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel and not self.first else 1)
-        if self.first and self.tp.sequence_parallel:
-            seq_len = x.shape[1]
         rope = self.rope(seq_len, start_pos, h.device)
         for i, layer in self.layers.items():
             h = layer(h, rope, None if cache is None else cache.setdefault(int(i), {}))

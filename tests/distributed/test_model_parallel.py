@@ -114,3 +114,32 @@ def test_pp4_schedules_equal_single_process():
 
 def test_tp2_pp2_equals_single_process():
     run_distributed(_cases, 4, [(GPT2, dict(tp=2, pp=2, sp=True), 3), (LLAMA, dict(tp=2, pp=2, kv=1), 2)])
+
+
+def _comm_counts(rank, world, sp, queue):
+    from megalm.parallel.tensor.comm import TP_KINDS, CommStats
+
+    cfg = make_config(GPT2, tp=world, sp=sp)
+    topo = build_topology(world, 1, sequence_parallel=sp)
+    chunk = build_chunks(cfg, topo, torch.device("cpu"))[0]
+    stats = CommStats()
+    chunk.tp.comm = stats                  # the one handle every layer of the chunk holds
+    b, s = 2, cfg.data.seq_len
+    tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1))
+    chunk(tokens[:, :-1], tokens[:, 1:]).backward()
+    queue.put((rank, int(stats.total(*TP_KINDS)), {k: int(v) for k, v in stats.elements.items()}))
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
+def test_communication_per_step_equals_formula(sp):
+    """Per layer and micro-batch, fwd+bwd: 8 b s h (t-1)/t elements per rank (anchors.md), SP or not."""
+    t = 2
+    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    run_distributed(_comm_counts, t, sp, queue)
+    cfg = make_config(GPT2)
+    b, s, h, L = 2, cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers
+    expected = L * 8 * b * s * h * (t - 1) // t
+    for _ in range(t):
+        rank, counted, kinds = queue.get()
+        assert counted == expected, (rank, counted, expected, kinds)
+        assert kinds.get("lm_head", 0) > 0 and kinds.get("embedding", 0) > 0     # counted, outside the formula

@@ -1,6 +1,4 @@
 """Single-process training: loss falls, resume is exact, checkpoints refuse damage, eval and generate work."""
-import json
-import shutil
 import subprocess
 import sys
 
