@@ -2,6 +2,7 @@
 
     megalm preprocess [--input PATH ...] --output-prefix PREFIX     corpus -> PREFIX.bin/.idx + tokenizer
     megalm train --config FILE [section.key=value ...]              train (resumes an existing run dir)
+    megalm finetune --checkpoint CKPT --config FILE [overrides]     train from a checkpoint's (or HF's) weights
     megalm eval --checkpoint RUN_DIR [--data PREFIX | --text FILE]  loss and perplexity
     megalm generate --checkpoint RUN_DIR --prompt TEXT              sample text with a KV cache
     megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
@@ -40,6 +41,22 @@ def _train(argv) -> int:
     return 0
 
 
+def _finetune(argv) -> int:
+    from megalm.config import load_config
+    from megalm.train.loop import train
+
+    ap = argparse.ArgumentParser(prog="megalm finetune", description="Train from a checkpoint's weights (a "
+                                 "megalm run, or a Hugging Face model converted with megalm convert from-hf).")
+    ap.add_argument("--checkpoint", required=True, help="megalm checkpoint (run dir or step folder)")
+    ap.add_argument("--config", help="YAML config for data, schedule and layout; the model comes from the checkpoint")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides + [f"checkpoint.load={args.checkpoint}",
+                                                      "checkpoint.load_weights_only=true"])
+    train(cfg)
+    return 0
+
+
 def _config(argv) -> int:
     from megalm.config import describe_fields, load_config
 
@@ -63,7 +80,7 @@ def _bench(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    local = {"train": _train, "config": _config, "bench": _bench}
+    local = {"train": _train, "finetune": _finetune, "config": _config, "bench": _bench}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in {**COMMANDS, **local}:
         print(__doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

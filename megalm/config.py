@@ -172,7 +172,10 @@ class CheckpointConfig:
     keep: int = 2
     """Keep this many most recent checkpoints."""
     load: Optional[str] = None
-    """Start from this checkpoint folder (a run dir or a step folder) instead of resuming run_dir."""
+    """Start from this checkpoint (a run dir or a step folder) when train.run_dir has none of its own yet;
+    its model settings are adopted. Used for fine-tuning (megalm finetune) and for moving a run."""
+    load_weights_only: bool = False
+    """With checkpoint.load: take the weights only (fresh optimizer, step 0, data from the start)."""
     save_optimizer: bool = True
     """Save optimizer state (needed for exact resume)."""
 

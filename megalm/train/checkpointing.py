@@ -32,8 +32,12 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
     save_checkpoint(cfg.train.run_dir, step, owned, meta, tokenizer_file, cfg.checkpoint.keep)
 
 
-def restore(engine, reader: CheckpointReader) -> tuple[int, int]:
-    """Load weights (and optimizer state when saved) resharded for this rank; return (step, consumed)."""
+def restore(engine, reader: CheckpointReader, weights_only: bool = False) -> tuple[int, int]:
+    """Load weights (and optimizer state when saved) resharded for this rank; return (step, consumed).
+    ``weights_only``: a fresh start from these weights (fine-tuning): step 0, data from the beginning."""
     m = reader.manifest
+    if weights_only:
+        engine.load_state_tensors(reader.read, 0, False)
+        return 0, 0
     engine.load_state_tensors(reader.read, m["optimizer"]["step"], m["optimizer"]["has_state"])
     return m["step"], m["data"]["consumed_samples"]

@@ -32,11 +32,17 @@ def make_engine(cfg: Config, rt: Runtime, chunks):
     return NativeEngine(cfg, rt.topo, chunks, rt.device)
 
 
-def adopt_checkpoint_model(cfg: Config, reader: CheckpointReader | None) -> None:
-    """A resumed run keeps the model it was saved with; a different explicit model config is an error."""
+def adopt_checkpoint_model(cfg: Config, reader: CheckpointReader | None, starting_from_load: bool) -> None:
+    """A resumed run keeps the model it was saved with; a different explicit model config is an error.
+    A run started from ``checkpoint.load`` (fine-tuning) takes the checkpoint's model settings wholesale."""
     if reader is None:
         return
     saved = reader.manifest["config"]["model"]
+    if starting_from_load:
+        for key, value in saved.items():
+            if key != "dropout":
+                setattr(cfg.model, key, value)
+        return
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = saved["vocab_size"]
     current = cfg.to_dict()["model"]
@@ -61,9 +67,14 @@ def activation_dtype(cfg: Config) -> torch.dtype:
 
 def train(cfg: Config) -> dict:
     """Train to ``train.steps``; returns the final metrics (on every rank)."""
-    source = latest_checkpoint(cfg.checkpoint.load or cfg.train.run_dir)
+    source = latest_checkpoint(cfg.train.run_dir)                 # resuming this run comes first
+    from_load = source is None and cfg.checkpoint.load is not None
+    if from_load:
+        source = latest_checkpoint(cfg.checkpoint.load)
+        if source is None:
+            raise ConfigError(f"checkpoint.load={cfg.checkpoint.load}: no committed megalm checkpoint there")
     reader = CheckpointReader(source) if source else None
-    adopt_checkpoint_model(cfg, reader)
+    adopt_checkpoint_model(cfg, reader, from_load)
     rt = start(cfg, dataset_tokenizer(cfg))
     topo, t = rt.topo, cfg.train
     if cfg.uses_deepspeed:     # ZeRO-3 builds the layers already partitioned over data parallelism
@@ -73,7 +84,8 @@ def train(cfg: Config) -> dict:
     else:
         chunks = build_chunks(cfg, topo, rt.device, init=reader is None)
     engine = make_engine(cfg, rt, chunks)
-    step, consumed = restore(engine, reader) if reader else (0, 0)
+    weights_only = from_load and cfg.checkpoint.load_weights_only
+    step, consumed = restore(engine, reader, weights_only) if reader else (0, 0)
     data = {split: TokenDataset(cfg.data.prefix, split, cfg.data.seq_len, cfg.data.seed, cfg.model.vocab_size,
                                 tuple(cfg.data.split)) for split in ("train", "valid", "test")}
     sampler = BatchSampler(data["train"], t.global_batch_size, t.micro_batch_size, topo.dp_rank, topo.dp, consumed)

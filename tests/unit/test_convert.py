@@ -89,3 +89,20 @@ def test_pickled_hugging_face_weights_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ConvertError, match="unpickle"):
         convert_from_hf(tmp_path, tmp_path / "out")
+
+
+def test_finetune_from_a_hugging_face_model(trained, tiny_corpus, tmp_path):
+    """HF -> megalm -> megalm finetune: the run starts at step 0 from exactly the converted weights."""
+    from megalm.cli import main as cli
+
+    convert_to_hf(trained, tmp_path / "hf")
+    convert_from_hf(tmp_path / "hf", tmp_path / "imported")
+    run_dir = tmp_path / "finetuned"
+    frozen = {"optimizer.name": "sgd", "optimizer.lr": 0.0, "optimizer.min_lr": 0.0, "train.steps": 2}
+    args = tiny_overrides(tiny_corpus, run_dir, **frozen)
+    assert cli(["finetune", "--checkpoint", str(tmp_path / "imported")] + args) == 0
+    result = CheckpointReader(latest_checkpoint(run_dir))
+    assert result.manifest["step"] == 2 and result.manifest["data"]["consumed_samples"] == 8
+    source = tensors_of(tmp_path / "imported")
+    for name, t in source.items():
+        assert torch.equal(result.read(name), t), name
