@@ -6,7 +6,7 @@
     megalm eval --checkpoint RUN_DIR [--data PREFIX | --text FILE]  loss and perplexity
     megalm generate --checkpoint RUN_DIR --prompt TEXT              sample text with a KV cache
     megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
-    megalm bench kernels|bubble|train ...                           throughput and schedule benchmarks
+    megalm bench kernels|bubble|train|memory|convert ...            benchmarks, each beside its baseline
     megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ BENCHES = {
     "kernels": "megalm.kernels.bench",
     "bubble": "megalm.parallel.pipeline.bubble",
     "train": "megalm.bench_train",
+    "memory": "megalm.bench_memory",
+    "convert": "megalm.checkpoint.bench",
 }
 
 

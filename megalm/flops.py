@@ -1,0 +1,40 @@
+"""FLOPs per token, counted exactly for megalm's model (GQA, SwiGLU, LM head), for TFLOP/s and MFU.
+
+Model FLOPs follow the usual convention (Megatron, PaLM): a matmul of (m x k) by (k x n) costs 2mkn, training is
+forward + backward = 3 x forward, and attention counts the full s x s score matrix (6N + 12 L h s per token for
+a plain GPT). Hardware FLOPs add what activation recomputation runs again: a whole forward (full) or the
+attention core (selective).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalm.config import ModelConfig
+
+
+def matmul_params(m: ModelConfig) -> dict[str, int]:
+    """Weights that take part in matrix multiplies, by part (the embedding lookup is not one)."""
+    h, hd = m.hidden_size, m.head_dim
+    attention = h * m.num_heads * hd + 2 * h * m.kv_heads * hd + m.num_heads * hd * h
+    mlp = (3 if m.activation == "swiglu" else 2) * h * m.ffn_size
+    return {"attention": m.num_layers * attention, "mlp": m.num_layers * mlp, "lm_head": h * m.vocab_size}
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    forward: float
+    model: float          # forward + backward, no recomputation
+    hardware: float       # what actually runs, recomputation included
+
+
+def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none") -> FlopsPerToken:
+    n = sum(matmul_params(m).values())
+    attention_core = 2 * 2 * seq_len * m.num_heads * m.head_dim * m.num_layers   # QK^T and PV
+    forward = 2 * n + attention_core
+    model = 3 * forward
+    extra = {"none": 0, "full": forward - 2 * matmul_params(m)["lm_head"], "selective": attention_core}[recompute]
+    return FlopsPerToken(forward, model, model + extra)
+
+
+def mfu(tokens_per_s: float, per_token: FlopsPerToken, peak_flops: float) -> float:
+    return tokens_per_s * per_token.model / peak_flops
