@@ -45,9 +45,11 @@ class PlannedSafetensorsFile:
         offset, nbytes, dtype, shape = self.slots[key]
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path.name}: {key} has shape {tuple(tensor.shape)}, planned {shape}")
-        data = tensor.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes()
-        assert len(data) == nbytes
-        os.pwrite(self.fd, data, self.data_start + offset)
+        data = memoryview(tensor.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()).cast("B")
+        assert data.nbytes == nbytes
+        written = 0
+        while written < nbytes:                                 # pwrite may write less than asked
+            written += os.pwrite(self.fd, data[written:], self.data_start + offset + written)
         self.pending.discard(key)
 
     def close(self) -> None:
