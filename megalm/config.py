@@ -151,8 +151,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     """AdamW weight decay (never applied to norms and biases)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     name: str = "adamw"
     """adamw or sgd (sgd is for exactness tests)."""
 
