@@ -86,6 +86,7 @@ def train(cfg: Config) -> dict:
     engine = make_engine(cfg, rt, chunks)
     weights_only = from_load and cfg.checkpoint.load_weights_only
     step, consumed = restore(engine, reader, weights_only) if reader else (0, 0)
+    first_step = step
     data = {split: TokenDataset(cfg.data.prefix, split, cfg.data.seq_len, cfg.data.seed, cfg.model.vocab_size,
                                 tuple(cfg.data.split)) for split in ("train", "valid", "test")}
     sampler = BatchSampler(data["train"], t.global_batch_size, t.micro_batch_size, topo.dp_rank, topo.dp, consumed)
@@ -127,7 +128,8 @@ def train(cfg: Config) -> dict:
         return result
     result["val_loss"] = run_eval("valid")
     result["test_loss"] = run_eval("test")
-    save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+    if step > first_step or source is None:                  # a finished run, rerun, only evaluates
+        save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
     if rt.is_logging_rank and cfg.logging.plot:
         print(f"loss curve: {plot_loss_curve(t.run_dir)}")
     log.close()
