@@ -50,6 +50,8 @@ class ModelConfig:
     """Share the input embedding with the LM head."""
     bias: bool = True
     """Biases in linear layers and LayerNorm (GPT-2: true, Llama: false)."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections only (Qwen2), whatever model.bias says."""
     dropout: float = 0.0
     """Dropout on attention probabilities, residual branches and embeddings."""
     init_std: float = 0.02

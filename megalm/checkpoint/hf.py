@@ -13,7 +13,7 @@ import torch
 
 from megalm.config import ModelConfig
 
-LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
+LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 GPT2 = "GPT2LMHeadModel"
 
 _LLAMA_LAYER = {
@@ -22,6 +22,8 @@ _LLAMA_LAYER = {
     "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_out.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+    "attn.wq.bias": "self_attn.q_proj.bias", "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",                     # Qwen2
 }
 _LLAMA_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "head.weight": "lm_head.weight"}
@@ -60,6 +62,10 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                            activation="gelu", position="learned", tie_embeddings=True, bias=True, dropout=0.0)
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise HFFormatError("attention_bias/mlp_bias=true is not supported for Llama-style models")
+    if hf.get("use_sliding_window") or (arch == "MistralForCausalLM" and hf.get("sliding_window")
+                                        and hf["sliding_window"] < hf["max_position_embeddings"]):
+        raise HFFormatError(f"sliding-window attention (sliding_window={hf.get('sliding_window')}) is not "
+                            f"supported; megalm attends over the whole sequence")
     if (hf.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
         raise HFFormatError(f"rope_scaling={hf['rope_scaling']} is not supported; megalm implements plain RoPE")
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -69,7 +75,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                        ffn_hidden_size=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", position="rope",
                        rope_theta=float(theta), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                       bias=False, dropout=0.0)
+                       bias=False, qkv_bias=arch == "Qwen2ForCausalLM", dropout=0.0)
 
 
 def hf_config_from_model(m: ModelConfig) -> dict:
@@ -82,7 +88,8 @@ def hf_config_from_model(m: ModelConfig) -> dict:
     if not (m.norm == "rmsnorm" and m.activation == "swiglu" and m.position == "rope" and not m.bias):
         raise HFFormatError("only GPT-2-style (layernorm, gelu, learned, bias) and Llama-style (rmsnorm, swiglu, "
                             "rope, no bias) models have a Hugging Face equivalent")
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+    arch, kind = ("Qwen2ForCausalLM", "qwen2") if m.qkv_bias else ("LlamaForCausalLM", "llama")
+    return {"architectures": [arch], "model_type": kind, "vocab_size": m.vocab_size,
             "hidden_size": m.hidden_size, "intermediate_size": m.ffn_size, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
             "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,

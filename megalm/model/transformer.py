@@ -111,13 +111,14 @@ class Attention(nn.Module):
         self.local_heads = cfg.num_heads // tp.size
         self.kv_split = cfg.kv_heads >= tp.size
         self.local_kv = cfg.kv_heads // tp.size if self.kv_split else 1
-        self.wq = ColumnParallelLinear(h, cfg.num_heads * hd, tp, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = ColumnParallelLinear(h, cfg.num_heads * hd, tp, bias=qkv_bias)
         if self.kv_split:
-            self.wk = ColumnParallelLinear(h, cfg.kv_heads * hd, tp, bias=cfg.bias)
-            self.wv = ColumnParallelLinear(h, cfg.kv_heads * hd, tp, bias=cfg.bias)
+            self.wk = ColumnParallelLinear(h, cfg.kv_heads * hd, tp, bias=qkv_bias)
+            self.wv = ColumnParallelLinear(h, cfg.kv_heads * hd, tp, bias=qkv_bias)
         else:
-            self.wk = _ReplicatedLinear(h, cfg.kv_heads * hd, cfg.bias)
-            self.wv = _ReplicatedLinear(h, cfg.kv_heads * hd, cfg.bias)
+            self.wk = _ReplicatedLinear(h, cfg.kv_heads * hd, qkv_bias)
+            self.wv = _ReplicatedLinear(h, cfg.kv_heads * hd, qkv_bias)
             self.kv_index = tp.rank * cfg.kv_heads // tp.size
         self.wo = RowParallelLinear(cfg.num_heads * hd, h, tp, bias=cfg.bias)
 

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers", reason="needs transformers (p
 LLAMA = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
                     max_seq_len=32, norm="rmsnorm", activation="swiglu", position="rope", rope_theta=500000.0,
                     tie_embeddings=False, bias=False)
+QWEN2 = ModelConfig(**{**LLAMA.__dict__, "qkv_bias": True, "tie_embeddings": True})
 GPT2 = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=32, norm="layernorm",
                    activation="gelu", position="learned", tie_embeddings=True, bias=True)
 
@@ -22,21 +23,18 @@ def single(cfg: ModelConfig, seed: int = 0) -> ModelChunk:
     return model
 
 
-def hf_model(cfg: ModelConfig):
+def hf_model(cfg: ModelConfig, model_type: str | None = None):
     hf = hf_config_from_model(cfg)
-    if hf["model_type"] == "gpt2":
-        config = transformers.GPT2Config(**{k: v for k, v in hf.items() if k != "architectures"})
-        model = transformers.GPT2LMHeadModel(config)
-    else:
-        config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "architectures"})
-        model = transformers.LlamaForCausalLM(config)
-    return model.eval()
+    kwargs = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+    config = transformers.AutoConfig.for_model(model_type or hf["model_type"], **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_logits_equal_hugging_face(cfg):
+@pytest.mark.parametrize("cfg,model_type", [(LLAMA, None), (GPT2, None), (QWEN2, None), (LLAMA, "mistral")],
+                         ids=["llama", "gpt2", "qwen2", "mistral"])
+def test_logits_equal_hugging_face(cfg, model_type):
     torch.manual_seed(0)
-    hf = hf_model(cfg)
+    hf = hf_model(cfg, model_type)
     with torch.no_grad():          # random weights everywhere, norms and biases included
         for p in hf.parameters():
             p.normal_(0, 0.1)
@@ -51,7 +49,7 @@ def test_logits_equal_hugging_face(cfg):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, QWEN2], ids=["llama", "gpt2", "qwen2"])
 def test_hugging_face_round_trip_is_exact(cfg):
     ours = single(cfg)
     hf_tensors = dict(to_hf(ours.state_dict().items(), cfg))
