@@ -46,6 +46,13 @@ class P2P:
 
     def __init__(self, topology, shape, dtype=torch.float32, device="cpu", num_chunks: int = 1):
         self.pp, self.pp_rank, self.num_chunks = topology.pp, topology.pp_rank, num_chunks
+        self.nccl = topology.pp_group is not None and dist.get_backend(topology.pp_group) == "nccl"
+        if self.pp == 2 and num_chunks > 1 and self.nccl:
+            # With pp=2 and interleaving, forward and backward messages both travel rank 0 -> rank 1; gloo
+            # keeps them apart by tag, NCCL ignores tags and matches by posting order, which the receive-ahead
+            # here does not guarantee. Refuse rather than risk swapped tensors (not yet validated on GPUs).
+            raise ValueError("interleaved pipelining with parallel.pp=2 is not supported on NCCL yet; use "
+                             "parallel.pp >= 3, or parallel.virtual_stages=1 with the 1f1b schedule")
         self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
         self.rank = topology.rank
         self.group = topology.pp_group
@@ -157,7 +164,9 @@ class P2P:
         except chunk 0 of rank 0, every backward except the last chunk of rank pp-1) and post the first
         receive of each. Each receive is then posted one message ahead, so data lands while this rank
         computes instead of waiting for a rendezvous when it is needed."""
-        if self.pp == 1:
+        if self.pp == 1 or self.nccl:
+            # NCCL runs point-to-point operations in order on one stream per communicator: a receive posted
+            # alone, ahead of its sender, would hold back this rank's own sends. Receive when needed instead.
             return
         m, v = num_microbatches, self.num_chunks
         self._expected = {FORWARD_TAG: m * v - (m if self.pp_rank == 0 else 0),
