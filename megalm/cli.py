@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 COMMANDS = {
@@ -80,8 +81,25 @@ def _bench(argv) -> int:
     return importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; megalm reads LOCAL_RANK from the environment instead."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
     local = {"train": _train, "finetune": _finetune, "config": _config, "bench": _bench}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in {**COMMANDS, **local}:
         print(__doc__.strip())

@@ -227,8 +227,11 @@ def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
     from megalm.checkpoint.deepspeed import convert_deepspeed_checkpoint
     from megalm.config import load_config
 
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise ConvertError(f"{dst} exists and is not empty; megalm convert never overwrites: choose a new --dst")
     cfg = load_config(config_file)
-    return convert_deepspeed_checkpoint(src, dst, cfg.model, tag=tag)
+    return convert_deepspeed_checkpoint(src, dst, cfg, tag=tag)
 
 
 # ---- command line ----------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in named_params:
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            shape = getattr(p, "ds_shape", p.shape)        # ZeRO-3 has flattened p; ds_shape is its real shape
+            (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -54,6 +54,11 @@ class ShardSpec:
         return master.chunk(self.parts, self.dim)[self.index].clone()
 
 
+def _rows(param, dim: int) -> int:
+    """Local size along ``dim``, also for a ZeRO-3 parameter whose storage is partitioned away (ds_shape)."""
+    return tuple(getattr(param, "ds_shape", param.shape))[dim]
+
+
 def _new_param(shape, tp: TensorParallel, dim: int | None, dtype, device) -> nn.Parameter:
     """Zeros (deterministic) tagged with its ShardSpec and the attributes DeepSpeed/Megatron read."""
     p = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
@@ -131,7 +136,7 @@ class ColumnParallelLinear(nn.Module):
         load_master_(self, masters)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features} (local {self.weight.shape[0]}), "
+        return (f"in={self.in_features}, out={self.out_features} (local {_rows(self.weight, 0)}), "
                 f"tp={self.tp.size}, bias={self.bias is not None}, gather_output={self.gather_output}")
 
 
@@ -169,7 +174,7 @@ class RowParallelLinear(nn.Module):
         load_master_(self, masters)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}, "
+        return (f"in={self.in_features} (local {_rows(self.weight, 1)}), out={self.out_features}, "
                 f"tp={self.tp.size}, bias={self.bias is not None}")
 
 
