@@ -76,3 +76,10 @@ def test_slurm_sbatch_srun(tiny_corpus, tmp_path):
         assert_trained(run_dir)
     finally:
         cluster.stop()
+
+
+def test_deepspeed_launcher_zero2(tiny_corpus, tmp_path):
+    env = {**os.environ, "NPROC": "2", "MASTER_PORT": str(free_port())}
+    args = tiny_overrides(tiny_corpus, tmp_path, **{"train.steps": 3, "parallel.zero_stage": 2})
+    launch("deepspeed.sh", [str(ROOT / "configs/tiny.yaml")] + args, env)
+    assert_trained(tmp_path)
