@@ -78,7 +78,8 @@ def _bench(argv) -> int:
     if not argv or argv[0] not in BENCHES:
         print(f"usage: megalm bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
         return 2
-    return importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0
+    result = importlib.import_module(BENCHES[argv[0]]).main(argv[1:])
+    return result if isinstance(result, int) else 0      # some benchmarks return their table for callers
 
 
 def _take_local_rank(argv: list[str]) -> list[str]:
