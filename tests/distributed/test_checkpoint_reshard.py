@@ -55,7 +55,8 @@ def saved(tiny_corpus, tmp_path_factory):
     (4, {"parallel.tp": 4}),
     (4, {"parallel.pp": 4}),
     (4, {"parallel.tp": 2, "parallel.dp": 2}),
-], ids=["one-process", "tp1-pp2", "tp4", "pp4", "tp2-dp2"])
+    (2, {"parallel.dp": 2, "parallel.deepspeed_config": "configs/deepspeed/zero3.json"}),
+], ids=["one-process", "tp1-pp2", "tp4", "pp4", "tp2-dp2", "dp2-zero3"])
 def test_resume_in_another_layout_continues_exactly(tiny_corpus, saved, tmp_path, world, layout):
     run_dir = tmp_path / "run"
     shutil.copytree(saved / "saved", run_dir)
