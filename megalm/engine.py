@@ -209,7 +209,8 @@ def _pin_zero3_trace_check(deepspeed, dp_group) -> None:
     """Trap 3: ZeRO-3 checks at each step that its recorded module trace is the same on all ranks by a
     broadcast from global rank 0 over the whole world; pipeline stages hold different modules and never meet
     there. Run the same check within this stage's data-parallel group. A DeepSpeed internal: pinned to the
-    version it was written for, covered by tests/distributed/test_deepspeed_pipeline.py."""
+    version it was written for, covered by test_pp2_dp2_equals_one_process (ZeRO-3) in
+    tests/distributed/test_deepspeed.py."""
     from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
 
     if deepspeed.__version__ != PINNED_DEEPSPEED or not hasattr(ppc, "assert_ints_same_as_other_ranks"):
