@@ -99,15 +99,16 @@ def test_bad_layout_fails_on_every_rank_with_the_same_message(tiny_corpus, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [
-    {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1},
-    {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": "true",
-     "parallel.deepspeed_config": "configs/deepspeed/zero3.json"},
-], ids=["tp2-pp2-dp2-zero1", "tp2-pp2-dp2-sp-zero3"])
-def test_tp_pp_dp_under_deepspeed_equals_single_process(tiny_corpus, tmp_path, reference, layout):
-    """All three dimensions at once, 8 processes, DeepSpeed as the data-parallel engine: the first 6 steps of
-    the 20-step schedule equal the single-process run's."""
-    run_dir = tmp_path / "tp-pp-dp"
-    run_distributed(_train, 8, overrides(tiny_corpus, run_dir, **layout, **{"train.stop_at_step": 6}))
+@pytest.mark.parametrize("world,layout", [
+    (8, {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}),
+    (8, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": "true",
+         "parallel.deepspeed_config": "configs/deepspeed/zero3.json"}),
+    (2, {"parallel.deepspeed_config": "configs/deepspeed/zero3_offload.json"}),
+], ids=["tp2-pp2-dp2-zero1", "tp2-pp2-dp2-sp-zero3", "dp2-zero3-offload"])
+def test_deepspeed_layouts_equal_single_process(tiny_corpus, tmp_path, reference, world, layout):
+    """DeepSpeed as the data-parallel engine with all three dimensions at once (8 processes), and ZeRO-3 with
+    CPU offload: the first 6 steps of the 20-step schedule equal the single-process run's."""
+    run_dir = tmp_path / "deepspeed"
+    run_distributed(_train, world, overrides(tiny_corpus, run_dir, **layout, **{"train.stop_at_step": 6}))
     got = curve(run_dir)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(reference[1][:6]), rtol=1e-5, atol=0)
