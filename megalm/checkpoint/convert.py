@@ -22,13 +22,12 @@ import torch
 from tqdm import tqdm
 
 from megalm.checkpoint.format import (
-    COMMITTED,
     FORMAT,
-    MANIFEST,
     VERSION,
+    commit,
     latest_checkpoint,
+    piece_entry,
     sha256_file,
-    write_text_atomic,
 )
 from megalm.checkpoint.load import CheckpointReader
 from megalm.checkpoint.plan import plan_layout
@@ -97,18 +96,13 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, source, meta:
     for f, pieces in plan.items():
         manifest["files"][f] = sha256_file(tmp / f)
         for p in pieces:
-            dim = p.spec.dim if p.spec.dim is not None and p.spec.parts > 1 else None
-            offset = p.spec.index * p.local_shape[dim] if dim is not None else 0
-            length = p.local_shape[dim] if dim is not None else (p.local_shape[0] if p.local_shape else 1)
             slot = manifest["tensors"].setdefault(p.name, {"shape": list(p.global_shape),
                                                            "dtype": tensors[p.name][0], "pieces": []})
-            slot["pieces"].append({"file": f, "key": p.name, "dim": dim, "offset": offset, "length": length})
+            slot["pieces"].append(piece_entry(p.spec, p.local_shape, f, p.name))
     if tokenizer_file and Path(tokenizer_file).exists():
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    write_text_atomic(tmp / COMMITTED, f"{time.time():.0f}\n")
-    tmp.rename(dst) if not dst.exists() else (dst.rmdir(), tmp.rename(dst))
+    commit(tmp, dst, manifest)
     seconds = time.perf_counter() - start
     print(f"{label}: wrote {total / 1e9:.3f} GB in {len(plan)} files to {dst} in {seconds:.2f}s "
           f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s)", flush=True)
@@ -214,7 +208,9 @@ def convert_to_hf(src, dst) -> dict:
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
              "model_max_length": model.max_seq_len}, indent=1))
-    tmp.rename(dst) if not dst.exists() else (dst.rmdir(), tmp.rename(dst))
+    if dst.exists():
+        dst.rmdir()                               # empty: _prepare_destination refused anything else
+    tmp.rename(dst)
     seconds = time.perf_counter() - start
     print(f"convert to-hf: wrote {total / 1e9:.3f} GB to {dst} in {seconds:.2f}s "
           f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s)", flush=True)

@@ -16,7 +16,6 @@ Adam's ``exp_avg``/``exp_avg_sq`` have the layout of the fp32 weights they belon
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -25,16 +24,7 @@ from pathlib import Path
 
 import torch
 
-from megalm.checkpoint.format import (
-    COMMITTED,
-    FORMAT,
-    LATEST,
-    MANIFEST,
-    VERSION,
-    checkpoints_root,
-    step_dir_name,
-    write_text_atomic,
-)
+from megalm.checkpoint.format import FORMAT, VERSION, checkpoints_root, commit, step_dir_name
 from megalm.checkpoint.save import write_pieces
 from megalm.config import Config
 from megalm.parallel.tensor.layers import ShardSpec
@@ -209,12 +199,7 @@ def convert_deepspeed_checkpoint(ds_dir, out_dir, model_config, tag=None, with_o
         manifest["files"][written["file"]] = written["sha256"]
         for name, entry in written["entries"].items():
             manifest["tensors"][name] = {"shape": entry["shape"], "dtype": entry["dtype"], "pieces": [entry["piece"]]}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    write_text_atomic(final / COMMITTED, f"{time.time():.0f}\n")
-    write_text_atomic(root / LATEST, final.name + "\n")
+    commit(tmp, final, manifest, latest_root=root)
     print(f"convert: {folder} (ZeRO-{ranks.stage}, dp {ranks.dp}) -> {final} in "
           f"{time.perf_counter() - begin:.1f}s", flush=True)
     return final

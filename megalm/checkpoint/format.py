@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,28 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def piece_entry(spec, local_shape: tuple, file: str, key: str) -> dict:
+    """The manifest's description of one stored piece: which slice of the global tensor ``spec`` denotes."""
+    dim = spec.dim if spec.dim is not None and spec.parts > 1 else None
+    offset = spec.index * local_shape[dim] if dim is not None else 0
+    length = local_shape[dim] if dim is not None else (local_shape[0] if local_shape else 1)
+    return {"file": file, "key": key, "dim": dim, "offset": offset, "length": length}
+
+
+def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = None) -> Path:
+    """Finish a checkpoint written aside in ``tmp``: manifest, rename into place, COMMITTED, then (when given)
+    the ``latest`` pointer of ``latest_root``. Each step is atomic, so a crash leaves either the previous state
+    or a folder that is not loaded (no COMMITTED)."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if final.exists():            # only an uncommitted leftover of the same step (callers refuse the rest)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    write_text_atomic(final / COMMITTED, f"{time.time():.0f}\n")
+    if latest_root is not None:
+        write_text_atomic(latest_root / LATEST, final.name + "\n")
+    return final
 
 
 def latest_checkpoint(path) -> Path | None:

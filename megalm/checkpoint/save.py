@@ -7,7 +7,6 @@ moment leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -18,13 +17,12 @@ from safetensors.torch import save_file
 from megalm.checkpoint.format import (
     COMMITTED,
     FORMAT,
-    LATEST,
-    MANIFEST,
     VERSION,
     checkpoints_root,
+    commit,
+    piece_entry,
     sha256_file,
     step_dir_name,
-    write_text_atomic,
 )
 
 
@@ -47,13 +45,9 @@ def write_pieces(folder: Path, rank: int, owned) -> dict:
     file_name = f"shard-{rank:05d}.safetensors"
     for name, tensor, spec in owned:
         local = tuple(tensor.shape)
-        global_shape = list(spec.global_shape(local))
-        dim = spec.dim if spec.dim is not None and spec.parts > 1 else None
-        offset = spec.index * local[dim] if dim is not None else 0
-        length = local[dim] if dim is not None else (local[0] if local else 1)
         tensors[name] = tensor.detach().to("cpu").contiguous()
-        entries[name] = {"shape": global_shape, "dtype": str(tensor.dtype).replace("torch.", ""),
-                         "piece": {"file": file_name, "key": name, "dim": dim, "offset": offset, "length": length}}
+        entries[name] = {"shape": list(spec.global_shape(local)), "dtype": str(tensor.dtype).replace("torch.", ""),
+                         "piece": piece_entry(spec, local, file_name, name)}
     if tensors:
         save_file(tensors, str(folder / file_name))
     return {"file": file_name if tensors else None, "entries": entries,
@@ -85,12 +79,7 @@ def save_checkpoint(run_dir, step: int, owned, meta: dict, tokenizer_file=None, 
         if tokenizer_file and Path(tokenizer_file).exists():
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
             manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        write_text_atomic(final / COMMITTED, f"{time.time():.0f}\n")
-        write_text_atomic(root / LATEST, final.name + "\n")
+        commit(tmp, final, manifest, latest_root=root)
         _prune(root, keep)
         print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)
     _barrier()
