@@ -31,13 +31,14 @@ def synthetic_checkpoint(path: Path, model: ModelConfig) -> int:
     chunk = meta_chunks(model, 1, 0, 1, 0)[0]
     tensors = {f"model.{n}": ("float32", tuple(p.shape)) for n, p in chunk.named_parameters()}
     gen = torch.Generator().manual_seed(0)
-    source = ((n, (lambda spec, shape, s=s: torch.randn(s, generator=gen) * 0.02)) for n, (_, s) in tensors.items())
-    write_checkpoint(path, model, tensors, source, base_meta(Config(model=model)), label="write synthetic")
+    write_checkpoint(path, model, tensors, lambda name, spec, shape: torch.randn(shape, generator=gen) * 0.02,
+                     base_meta(Config(model=model)), label="write synthetic")
     return max(torch.Size(s).numel() * 4 for _, s in tensors.values())
 
 
 def _child_peak_rss(cmd: list[str]) -> tuple[float, int, str]:
     """Run ``cmd``; return (seconds, peak RSS in bytes, output) of that process alone."""
+    os.sync()                  # start with no dirty pages of earlier steps being written back meanwhile
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -57,6 +58,7 @@ def _inner_rate(output: str) -> float:
 def _copy_seconds(src: Path, dst: Path, durable: bool = False) -> float:
     """shutil.copyfile of every file (the kernel's copy_file_range); durable: fsync each, as converters do."""
     dst.mkdir()
+    os.sync()
     start = time.perf_counter()
     for f in src.iterdir():
         shutil.copyfile(f, dst / f.name)

@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from megalm.checkpoint.format import (
     latest_checkpoint,
     piece_entry,
     sha256_file,
+    verify_files,
 )
 from megalm.checkpoint.load import CheckpointReader
 from megalm.checkpoint.plan import plan_layout
@@ -59,42 +61,40 @@ def _check_layout(model: ModelConfig, tp: int, pp: int, vs: int) -> None:
         raise ConvertError(f"target layout tp={tp} pp={pp} virtual_stages={vs} does not fit the model: {e}") from e
 
 
-def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, source, meta: dict, tp=1, pp=1, vs=1,
-                     tokenizer_file=None, label="convert") -> dict:
+def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: dict, tp=1, pp=1, vs=1,
+                     tokenizer_file=None, label="convert", before_commit=None) -> dict:
     """Write a megalm checkpoint in layout (tp, pp, vs).
 
-    tensors: name -> (dtype, global shape), every tensor the source holds. source(name) yields that tensor's
-    value as a callable ``piece(spec, local_shape) -> tensor``; it is called in the order the source prefers
-    (``source`` is an iterator of (name, piece) pairs).
+    tensors: name -> (dtype, global shape) of every tensor the source holds; ``read(name, spec, local_shape)``
+    returns the piece ``spec`` of tensor ``name``. Pieces are pulled file by file in file order, so every file
+    is written front to back and hashed as it is written. ``before_commit()`` runs last and may raise to
+    abandon the result (the source's own verification, run alongside).
     """
     _check_layout(model, tp, pp, vs)
-    tmp = _prepare_destination(dst)
     plan = plan_layout(model, list(tensors), tp, pp, vs)
-    files = {f: PlannedSafetensorsFile(tmp / f, [(p.name, dtype_from_name(tensors[p.name][0]), p.local_shape)
-                                                 for p in pieces]) for f, pieces in plan.items()}
-    by_name: dict[str, list] = {}
-    for f, pieces in plan.items():
+    for pieces in plan.values():
         for p in pieces:
             if tuple(tensors[p.name][1]) != p.global_shape:
                 raise ConvertError(f"{p.name}: source shape {list(tensors[p.name][1])} but the model config needs "
                                    f"{list(p.global_shape)}; the source is another model")
-            by_name.setdefault(p.name, []).append((f, p))
-    total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype_from_name(dt)).element_size()
-                for dt, shape in tensors.values())
-    start = time.perf_counter()
+    tmp = _prepare_destination(dst)
+    dtypes = {n: dtype_from_name(dt) for n, (dt, _) in tensors.items()}
+    total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtypes[n]).element_size()
+                for n, (_, shape) in tensors.items())
+    start, digests = time.perf_counter(), {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
-        for name, piece in source:
-            for f, p in by_name.get(name, []):
-                files[f].write(name, piece(p.spec, p.local_shape))
-            bar.update(torch.Size(tensors[name][1]).numel() * torch.empty((), dtype=dtype_from_name(
-                tensors[name][0])).element_size())
-    for handle in files.values():
-        handle.close()
+        for f, pieces in plan.items():
+            out = PlannedSafetensorsFile(tmp / f, [(p.name, dtypes[p.name], p.local_shape) for p in pieces])
+            for p in pieces:
+                piece = read(p.name, p.spec, p.local_shape)
+                out.write(p.name, piece)
+                bar.update(piece.numel() * piece.element_size())
+            digests[f] = out.close()
     manifest = {"format": FORMAT, "version": VERSION, **meta, "tensors": {}, "files": {}}
     manifest["layout"] = {"tp": tp, "pp": pp, "dp": 1, "virtual_stages": vs, "sequence_parallel": False,
                           "zero_stage": 0, "engine": "native"}
+    manifest["files"] = digests
     for f, pieces in plan.items():
-        manifest["files"][f] = sha256_file(tmp / f)
         for p in pieces:
             slot = manifest["tensors"].setdefault(p.name, {"shape": list(p.global_shape),
                                                            "dtype": tensors[p.name][0], "pieces": []})
@@ -102,6 +102,8 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, source, meta:
     if tokenizer_file and Path(tokenizer_file).exists():
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
+    if before_commit is not None:
+        before_commit()
     commit(tmp, dst, manifest)
     seconds = time.perf_counter() - start
     print(f"{label}: wrote {total / 1e9:.3f} GB in {len(plan)} files to {dst} in {seconds:.2f}s "
@@ -116,21 +118,31 @@ def base_meta(cfg: Config, step: int = 0, consumed: int = 0, has_optimizer_state
             "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"}}
 
 
+def _reader_verified_alongside(folder):
+    """Open a source checkpoint at once and check its files' sha256 in a background thread (hashlib releases
+    the GIL), so verification overlaps the conversion; the caller waits on the future before committing."""
+    reader = CheckpointReader(folder, verify=False)
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(verify_files, Path(folder), reader.manifest)
+    pool.shutdown(wait=False)
+    return reader, future
+
+
 # ---- megalm -> megalm (another layout) -------------------------------------------------------------------
 
 def convert_layout(src, dst, tp=1, pp=1, vs=1) -> dict:
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
-    reader = CheckpointReader(folder)
+    reader, verified = _reader_verified_alongside(folder)
     m = reader.manifest
     cfg = Config.from_dict({k: v for k, v in m["config"].items()})
     tensors = {n: (e["dtype"], tuple(e["shape"])) for n, e in m["tensors"].items()}
-    source = ((n, (lambda spec, shape, n=n: reader.read(n, spec, shape))) for n in tensors)
     meta = {k: m[k] for k in ("step", "config", "data", "optimizer", "rng")}
     meta["config"]["parallel"].update(tp=tp, pp=pp, virtual_stages=vs, dp=None)
     tok = folder / "tokenizer.json"
-    return write_checkpoint(Path(dst), cfg.model, tensors, source, meta, tp, pp, vs, tok, "convert layout")
+    return write_checkpoint(Path(dst), cfg.model, tensors, reader.read, meta, tp, pp, vs, tok, "convert layout",
+                            before_commit=verified.result)
 
 
 # ---- Hugging Face -> megalm ------------------------------------------------------------------------------
@@ -155,25 +167,27 @@ def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
     cfg = Config(model=model)
     files = _hf_tensor_files(src)
     # Plan from the headers: run the name mapping over meta tensors of the stored dtypes and shapes.
-    headers = []
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                s = h.get_slice(key)
-                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[s.get_dtype()]
-                headers.append((f, key, torch.empty(s.get_shape(), dtype=dtype, device="meta")))
-    tensors = {f"model.{n}": (str(t.dtype).replace("torch.", ""), tuple(t.shape))
-               for n, t in from_hf(((k, t) for _, k, t in headers), model)}
+    handles = {f: safe_open(str(f), framework="pt") for f in files}
+    tensors, where = {}, {}
+    for f, h in handles.items():
+        for key in h.keys():
+            s = h.get_slice(key)
+            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[s.get_dtype()]
+            for name, t in from_hf([(key, torch.empty(s.get_shape(), dtype=dtype, device="meta"))], model):
+                tensors[f"model.{name}"] = (str(t.dtype).replace("torch.", ""), tuple(t.shape))
+                where[f"model.{name}"] = (f, key)
+    last: dict = {}                      # the HF tensor read last, mapped (GPT-2's c_attn feeds q, k and v)
 
-    def source():
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    for name, t in from_hf([(key, h.get_tensor(key))], model):
-                        yield f"model.{name}", (lambda spec, shape, t=t: spec.take(t))
+    def read(name, spec, local_shape):
+        f, key = where[name]
+        if last.get("key") != (f, key):
+            last.clear()
+            last.update(key=(f, key), tensors={f"model.{n}": t for n, t in
+                                              from_hf([(key, handles[f].get_tensor(key))], model)})
+        return spec.take(last["tensors"][name])
 
     tok = src / "tokenizer.json"
-    return write_checkpoint(Path(dst), model, tensors, source(), base_meta(cfg), tp, pp, vs, tok, "convert from-hf")
+    return write_checkpoint(Path(dst), model, tensors, read, base_meta(cfg), tp, pp, vs, tok, "convert from-hf")
 
 
 # ---- megalm -> Hugging Face ------------------------------------------------------------------------------
@@ -184,7 +198,7 @@ def convert_to_hf(src, dst) -> dict:
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
-    reader = CheckpointReader(folder)
+    reader, verified = _reader_verified_alongside(folder)
     model = Config.from_dict(reader.manifest["config"]).model
     hf_config = hf_config_from_model(model)
     names = [n for n in reader.manifest["tensors"] if n.startswith("model.")]
@@ -208,6 +222,7 @@ def convert_to_hf(src, dst) -> dict:
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
              "model_max_length": model.max_seq_len}, indent=1))
+    verified.result()                             # the source's sha256s, checked alongside; raises if damaged
     if dst.exists():
         dst.rmdir()                               # empty: _prepare_destination refused anything else
     tmp.rename(dst)

@@ -7,6 +7,7 @@ safetensors file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -37,9 +38,11 @@ class PlannedSafetensorsFile:
         raw += b" " * (-len(raw) % 8)                           # data starts 8-byte aligned
         self.data_start = 8 + len(raw)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self.fd, struct.pack("<Q", len(raw)) + raw)
-        os.ftruncate(self.fd, self.data_start + offset)
+        head = struct.pack("<Q", len(raw)) + raw
+        os.write(self.fd, head)
         self.pending = set(self.slots)
+        # While tensors arrive in file order the sha256 is computed as they are written (no second read).
+        self._hash, self._next = hashlib.sha256(head), 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         offset, nbytes, dtype, shape = self.slots[key]
@@ -51,10 +54,21 @@ class PlannedSafetensorsFile:
         while written < nbytes:                                 # pwrite may write less than asked
             written += os.pwrite(self.fd, data[written:], self.data_start + offset + written)
         self.pending.discard(key)
+        if self._hash is not None and offset == self._next:
+            self._hash.update(data)
+            self._next += nbytes
+        else:
+            self._hash = None                                   # out of order: hash the file at close
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """fsync and close; returns the file's sha256."""
         if self.pending:
             os.close(self.fd)
             raise ValueError(f"{self.path.name}: tensors never written: {sorted(self.pending)[:5]}")
         os.fsync(self.fd)
         os.close(self.fd)
+        if self._hash is None:
+            from megalm.checkpoint.format import sha256_file
+
+            return sha256_file(self.path)
+        return self._hash.hexdigest()
