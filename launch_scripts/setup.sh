@@ -17,7 +17,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
       || .venv/bin/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
   fi
 fi
-if ! .venv/bin/python -c "import megalm, deepspeed, tokenizers, safetensors, transformers, pytest" 2>/dev/null; then
+# megalm.kernels resolves only through the installed package mapping, so this also catches a stale install.
+if ! .venv/bin/python -c "import megalm.kernels, deepspeed, tokenizers, safetensors, transformers, pytest" 2>/dev/null; then
   .venv/bin/python -m pip install -q -e ".[test]"
 fi
 .venv/bin/python -c "import torch, megalm; print(f'megalm {megalm.__version__} ready: torch {torch.__version__}, '

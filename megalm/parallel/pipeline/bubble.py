@@ -20,8 +20,8 @@ Expected, with p stages, m micro-batches, per-stage forward t_f and backward t_b
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import pickle
 import statistics
 import tempfile
 import time
@@ -79,8 +79,8 @@ def _worker(rank, world, cfg, out_dir):
                     runs.append((stats.start, stats.end, stats.busy_s, stats.events))
             warmup = 0
             results.append((schedule, m, v, None, runs))
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:   # a pipe would fill up and block
-        pickle.dump(results, f)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:   # a pipe would fill up and block
+        json.dump(results, f)
 
 
 def measure(pp, microbatches, virtual_stages, stage_ms, schedules, repeats):
@@ -91,8 +91,8 @@ def measure(pp, microbatches, virtual_stages, stage_ms, schedules, repeats):
         run_distributed(_worker, pp, cfg, tmp)
         per_rank = {}
         for r in range(pp):
-            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
-                per_rank[r] = pickle.load(f)
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                per_rank[r] = json.load(f)
     rows = []
     for k, (schedule, m, v, skip, _) in enumerate(per_rank[0]):
         idle, timeline = [], None
