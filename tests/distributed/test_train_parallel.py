@@ -104,7 +104,11 @@ def test_bad_layout_fails_on_every_rank_with_the_same_message(tiny_corpus, tmp_p
     (8, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": "true",
          "parallel.deepspeed_config": "configs/deepspeed/zero3.json"}),
     (2, {"parallel.deepspeed_config": "configs/deepspeed/zero3_offload.json"}),
-], ids=["tp2-pp2-dp2-zero1", "tp2-pp2-dp2-sp-zero3", "dp2-zero3-offload"])
+    (4, {"parallel.pp": 2, "parallel.engine": "deepspeed", "parallel.zero_stage": 0}),
+    (4, {"parallel.pp": 2, "parallel.zero_stage": 2}),
+    (4, {"parallel.pp": 2, "parallel.virtual_stages": 2, "parallel.zero_stage": 1}),
+], ids=["tp2-pp2-dp2-zero1", "tp2-pp2-dp2-sp-zero3", "dp2-zero3-offload", "pp2-dp2-zero0", "pp2-dp2-zero2",
+        "pp2-interleaved-dp2-zero1"])
 def test_deepspeed_layouts_equal_single_process(tiny_corpus, tmp_path, reference, world, layout):
     """DeepSpeed as the data-parallel engine with all three dimensions at once (8 processes), and ZeRO-3 with
     CPU offload: the first 6 steps of the 20-step schedule equal the single-process run's."""
