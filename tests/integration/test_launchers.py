@@ -83,3 +83,22 @@ def test_deepspeed_launcher_zero2(tiny_corpus, tmp_path):
     args = tiny_overrides(tiny_corpus, tmp_path, **{"train.steps": 3, "parallel.zero_stage": 2})
     launch("deepspeed.sh", [str(ROOT / "configs/tiny.yaml")] + args, env)
     assert_trained(tmp_path)
+
+
+@pytest.mark.skipif(bool(_slurm_missing()), reason=f"needs SLURM and munge: missing {_slurm_missing()} "
+                    "(apt-get install slurmctld slurmd slurm-client munge)")
+def test_slurm_sbatch_torchrun_per_node(tiny_corpus, tmp_path):
+    """launch_scripts/slurm/torchrun.sbatch: one torchrun per node (here one node), c10d rendezvous."""
+    from tests.integration.slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster(tmp_path / "slurm").start()
+    try:
+        run_dir, log = tmp_path / "run", tmp_path / "job.out"
+        fields = cluster.sbatch(["--nodes", "1", "--ntasks-per-node", "1", "--cpus-per-task", "2", "--output",
+                                 str(log), "--chdir", str(ROOT), str(ROOT / "launch_scripts/slurm/torchrun.sbatch"),
+                                 str(ROOT / "configs/tiny.yaml")] + overrides(tiny_corpus, run_dir))
+        output = log.read_text() if log.exists() else ""
+        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, output[-3000:])
+        assert_trained(run_dir)
+    finally:
+        cluster.stop()
