@@ -39,9 +39,6 @@ class Piece:
     offset: int          # start of this piece along dim
     length: int          # its extent along dim
 
-    def to_json(self) -> dict:
-        return {"file": self.file, "key": self.key, "dim": self.dim, "offset": self.offset, "length": self.length}
-
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()

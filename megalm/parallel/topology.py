@@ -102,14 +102,6 @@ class Topology:
         return int(self.grid[pp_rank, d, t])
 
     @property
-    def next_stage_rank(self) -> int | None:
-        return None if self.is_last_stage else self.stage_rank(self.pp_rank + 1)
-
-    @property
-    def prev_stage_rank(self) -> int | None:
-        return None if self.is_first_stage else self.stage_rank(self.pp_rank - 1)
-
-    @property
     def tensor_parallel(self) -> TensorParallel:
         return TensorParallel(self.tp_group, self.tp, self.tp_rank, self.sequence_parallel and self.tp > 1)
 
