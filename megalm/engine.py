@@ -33,7 +33,7 @@ from megalm.model.transformer import master_init
 from megalm.parallel.parallelize import build_chunks, counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.topology import Topology
 from megalm.train.native import check_precision
-from megalm.train.optim import build_optimizer
+from megalm.train.optim import build_optimizer, optimizer_step_count
 
 PINNED_DEEPSPEED = "0.19.8"     # the version the ZeRO-3 trace-check patch was written for and tested with
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -411,10 +411,7 @@ class DeepSpeedEngine:
                 yield f"optim.{key}.{name}", self._full_state(p, key), p.shard
 
     def optimizer_step_count(self) -> int:
-        for state in self.torch_optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-        return 0
+        return optimizer_step_count(self.torch_optimizer)
 
     @torch.no_grad()
     def _set_weight(self, p, value: torch.Tensor) -> None:

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     else:
         prefix = args.data or cfg.data.prefix
         ds = TokenDataset(prefix, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
-        samples = [ds.sample(i) if hasattr(ds, "sample") else ds[i] for i in range(min(len(ds), args.samples))]
+        samples = [ds.sample(i) for i in range(min(len(ds), args.samples))]
         where = f"{prefix} ({args.split})"
     rt, engine = load_model(cfg, reader)
     topo = rt.topo

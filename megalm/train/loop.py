@@ -112,9 +112,10 @@ def train(cfg: Config) -> dict:
         torch.manual_seed(t.seed + step)     # dropout masks depend on (seed, step) only: exact resume
         begin = time.perf_counter()
         micro = [b.to(rt.device) for b in sampler.next_batch()]
-        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr_at(step, cfg), step + 1)
+        lr = lr_at(step, cfg)
+        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1)
         step += 1
-        log.train_step(step, loss, lr_at(step - 1, cfg), norm, tokens_per_step / (time.perf_counter() - begin),
+        log.train_step(step, loss, lr, norm, tokens_per_step / (time.perf_counter() - begin),
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1)
         result.update(step=step, loss=loss)
         if t.eval_interval and step % t.eval_interval == 0 and step < last:

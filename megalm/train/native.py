@@ -15,7 +15,7 @@ from megalm.config import Config
 from megalm.parallel.parallelize import counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.pipeline.stage import sum_tied_gradients
 from megalm.parallel.topology import Topology
-from megalm.train.optim import build_optimizer
+from megalm.train.optim import build_optimizer, optimizer_step_count
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -109,10 +109,7 @@ class NativeEngine:
                     yield f"optim.{key}.{name}", state[key], p.shard
 
     def optimizer_step_count(self) -> int:
-        for state in self.optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-        return 0
+        return optimizer_step_count(self.optimizer)
 
     @torch.no_grad()
     def load_state_tensors(self, read, step_count: int, with_optimizer: bool = True) -> None:

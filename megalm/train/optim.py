@@ -38,3 +38,11 @@ def lr_at(step: int, cfg: Config) -> float:
     if cfg.lr.decay == "linear":
         return floor + (peak - floor) * (1.0 - progress)
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_step_count(optimizer: torch.optim.Optimizer) -> int:
+    """Optimizer steps taken so far, as torch's AdamW counts them (0 before the first step, and for SGD)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
