@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds of copy and conversions")
     ap.add_argument("--workdir", help="where to write (default: a temporary folder on the same disk as --out)")
     ap.add_argument("--out", default="runs/bench-convert")
     args = ap.parse_args(argv)
@@ -92,34 +94,59 @@ def main(argv=None) -> int:
         src = work / "src"
         largest = synthetic_checkpoint(src, model)
         size = _dir_bytes(src)
-        copy_s, cached_copy_s = _copy_seconds(src, work / "copy", durable=True), _copy_seconds(src, work / "copy2")
         py = [sys.executable, "-m", "megalm"]
         _, idle_rss, _ = _child_peak_rss([sys.executable, "-c", "import megalm.checkpoint.convert"])
         runs = {
-            "layout tp1 -> tp2 x pp2": py + ["convert", "layout", "--src", str(src), "--dst", str(work / "tp2pp2"),
-                                             "--tp", "2", "--pp", "2"],
-            "megalm -> Hugging Face": py + ["convert", "to-hf", "--src", str(src), "--dst", str(work / "hf")],
-            "Hugging Face -> megalm tp2": py + ["convert", "from-hf", "--src", str(work / "hf"), "--dst",
-                                               str(work / "back"), "--tp", "2"],
+            "layout tp1 -> tp2 x pp2": lambda i: py + ["convert", "layout", "--src", str(src), "--dst",
+                                                       str(work / f"tp2pp2-{i}"), "--tp", "2", "--pp", "2"],
+            "megalm -> Hugging Face": lambda i: py + ["convert", "to-hf", "--src", str(src), "--dst",
+                                                      str(work / f"hf-{i}")],
+            "Hugging Face -> megalm tp2": lambda i: py + ["convert", "from-hf", "--src", str(work / f"hf-{i}"),
+                                                          "--dst", str(work / f"back-{i}"), "--tp", "2"],
         }
-        report = {"bytes": size, "largest_tensor_bytes": largest, "copy_seconds": copy_s,
-                  "copy_gb_per_s": size / copy_s / 1e9, "cached_copy_gb_per_s": size / cached_copy_s / 1e9,
+        # Each conversion is paired with a durable copy of the same bytes, run just before it in even rounds
+        # and just after it in odd ones: a virtual disk whose speed drifts with recent writes (burst credits,
+        # host write-back) then touches both sides of each pair alike. Medians over the rounds are reported.
+        cached_copy_s = _copy_seconds(src, work / "cached")
+        shutil.rmtree(work / "cached")
+        results = {name: [] for name in runs}
+        for i in range(args.repeat):
+            for name, cmd in runs.items():
+                copy_dir = work / f"copy-{i}"
+                if i % 2 == 0:
+                    copy_s = _copy_seconds(src, copy_dir, durable=True)
+                seconds, rss, output = _child_peak_rss(cmd(i))
+                if i % 2 == 1:
+                    copy_s = _copy_seconds(src, copy_dir, durable=True)
+                shutil.rmtree(copy_dir)
+                results[name].append({"seconds": seconds, "alone": _inner_rate(output), "rss": rss,
+                                      "copy": size / copy_s / 1e9})
+            for d in work.glob(f"*-{i}"):
+                if d.name.startswith(("tp2pp2", "back")):
+                    shutil.rmtree(d)
+        copies = [r["copy"] for rs in results.values() for r in rs]
+        report = {"bytes": size, "largest_tensor_bytes": largest, "repeats": args.repeat,
+                  "copy_gb_per_s": statistics.median(copies), "cached_copy_gb_per_s": size / cached_copy_s / 1e9,
                   "idle_rss": idle_rss, "conversions": {}}
-        print(f"checkpoint {size / 1e9:.2f} GB, largest tensor {largest / 1e6:.0f} MB; plain copy "
-              f"{size / copy_s / 1e9:.2f} GB/s durable (fsync, as the converters do), "
-              f"{size / cached_copy_s / 1e9:.2f} GB/s into the page cache only")
-        print(f"{'conversion':28s} {'GB/s':>6s} {'alone':>6s} {'vs copy':>8s} {'peak RSS above import':>22s} "
-              f"{'/ largest':>10s}")
-        for name, cmd in runs.items():
-            seconds, rss, output = _child_peak_rss(cmd)
-            rate, inner = size / seconds / 1e9, _inner_rate(output)
-            extra = max(0, rss - idle_rss)
-            report["conversions"][name] = {"seconds": seconds, "gb_per_s": rate, "gb_per_s_alone": inner,
-                                           "peak_rss": rss, "rss_above_import": extra}
-            print(f"{name:28s} {rate:6.2f} {inner:6.2f} {inner / report['copy_gb_per_s']:8.0%} "
-                  f"{extra / 1e6:19.0f} MB {extra / largest:9.1f}x")
+        print(f"checkpoint {size / 1e9:.2f} GB, largest tensor {largest / 1e6:.0f} MB; {args.repeat} rounds, each "
+              f"conversion paired with a durable copy (fsync, as the converters do) of the same bytes. Plain copy "
+              f"{report['copy_gb_per_s']:.2f} GB/s (median; from {min(copies):.2f} to {max(copies):.2f}), "
+              f"{report['cached_copy_gb_per_s']:.2f} GB/s into the page cache only")
+        print(f"{'conversion':28s} {'GB/s':>6s} {'alone':>6s} {'its copy':>9s} {'vs copy':>8s} "
+              f"{'peak RSS above import':>22s} {'/ largest':>10s}")
+        for name, rs in results.items():
+            rate = size / statistics.median(r["seconds"] for r in rs) / 1e9
+            inner = statistics.median(r["alone"] for r in rs)
+            copy = statistics.median(r["copy"] for r in rs)
+            ratio = statistics.median(r["alone"] / r["copy"] for r in rs)
+            extra = max(0, max(r["rss"] for r in rs) - idle_rss)
+            report["conversions"][name] = {"gb_per_s": rate, "gb_per_s_alone": inner, "paired_copy_gb_per_s": copy,
+                                           "vs_copy": ratio, "rounds": rs, "rss_above_import": extra}
+            print(f"{name:28s} {rate:6.2f} {inner:6.2f} {copy:9.2f} {ratio:8.0%} {extra / 1e6:19.0f} MB "
+                  f"{extra / largest:9.1f}x")
         print("GB/s: whole command (Python start-up, torch import, sha256 of source and result included); alone: "
-              "the conversion itself; vs copy: alone against the durable copy. All count the checkpoint's bytes.")
+              "the conversion itself; its copy: the durable copies paired with it; vs copy: median of alone / its "
+              "copy per round. All count the checkpoint's bytes; peak RSS is the largest of the rounds.")
         (out / "bench_convert.json").write_text(json.dumps(report, indent=1))
         _plot(report, out / "bench_convert.png")
         print(f"wrote {out / 'bench_convert.json'} and {out / 'bench_convert.png'}")
@@ -134,12 +161,17 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["plain copy"] + list(report["conversions"])
-    rates = [report["copy_gb_per_s"]] + [c["gb_per_s"] for c in report["conversions"].values()]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh(names, rates)
-    ax.set_xlabel("GB/s")
-    ax.set_title(f"checkpoint conversion, {report['bytes'] / 1e9:.2f} GB")
+    names = list(report["conversions"])
+    convs = report["conversions"].values()
+    y = range(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    ax.barh([i + 0.2 for i in y], [c["paired_copy_gb_per_s"] for c in convs], height=0.4,
+            label="plain durable copy (paired)")
+    ax.barh([i - 0.2 for i in y], [c["gb_per_s_alone"] for c in convs], height=0.4, label="conversion")
+    ax.set_yticks(list(y), names)
+    ax.set_xlabel("GB/s (medians)")
+    ax.set_title(f"checkpoint conversion, {report['bytes'] / 1e9:.2f} GB, {report['repeats']} rounds")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

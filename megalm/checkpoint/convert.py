@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,15 +82,24 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
     dtypes = {n: dtype_from_name(dt) for n, (dt, _) in tensors.items()}
     total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtypes[n]).element_size()
                 for n, (_, shape) in tensors.items())
-    start, digests = time.perf_counter(), {}
+    start = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
-        for f, pieces in plan.items():
-            out = PlannedSafetensorsFile(tmp / f, [(p.name, dtypes[p.name], p.local_shape) for p in pieces])
-            for p in pieces:
+
+        def write_file(f):
+            out = PlannedSafetensorsFile(tmp / f, [(p.name, dtypes[p.name], p.local_shape) for p in plan[f]])
+            for p in plan[f]:
                 piece = read(p.name, p.spec, p.local_shape)
                 out.write(p.name, piece)
                 bar.update(piece.numel() * piece.element_size())
-            digests[f] = out.close()
+            return out, out.close()
+
+        # Two files at a time: fetching, copying, hashing and the kernel's writes of one file overlap the other's
+        # (each step releases the GIL). Memory stays a few pieces.
+        with ThreadPoolExecutor(max_workers=min(2, len(plan))) as pool:
+            finished = dict(zip(plan, pool.map(write_file, plan)))
+    for out, _ in finished.values():
+        out.wait_durable()
+    digests = {f: digest for f, (_, digest) in finished.items()}
     manifest = {"format": FORMAT, "version": VERSION, **meta, "tensors": {}, "files": {}}
     manifest["layout"] = {"tp": tp, "pp": pp, "dp": 1, "virtual_stages": vs, "sequence_parallel": False,
                           "zero_stage": 0, "engine": "native"}
@@ -176,15 +186,14 @@ def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
             for name, t in from_hf([(key, torch.empty(s.get_shape(), dtype=dtype, device="meta"))], model):
                 tensors[f"model.{name}"] = (str(t.dtype).replace("torch.", ""), tuple(t.shape))
                 where[f"model.{name}"] = (f, key)
-    last: dict = {}                      # the HF tensor read last, mapped (GPT-2's c_attn feeds q, k and v)
+    last = threading.local()   # per writer thread: the HF tensor read last, mapped (GPT-2's c_attn feeds q, k, v)
 
     def read(name, spec, local_shape):
         f, key = where[name]
-        if last.get("key") != (f, key):
-            last.clear()
-            last.update(key=(f, key), tensors={f"model.{n}": t for n, t in
-                                              from_hf([(key, handles[f].get_tensor(key))], model)})
-        return spec.take(last["tensors"][name])
+        if getattr(last, "key", None) != (f, key):
+            last.key, last.tensors = (f, key), {f"model.{n}": t for n, t in
+                                                from_hf([(key, handles[f].get_tensor(key))], model)}
+        return spec.view(last.tensors[name])    # the writer copies only what is strided
 
     tok = src / "tokenizer.json"
     return write_checkpoint(Path(dst), model, tensors, read, base_meta(cfg), tp, pp, vs, tok, "convert from-hf")
@@ -209,13 +218,14 @@ def convert_to_hf(src, dst) -> dict:
     dst = Path(dst)
     tmp = _prepare_destination(dst)
     start = time.perf_counter()
-    out = PlannedSafetensorsFile(tmp / "model.safetensors", entries)
+    out = PlannedSafetensorsFile(tmp / "model.safetensors", entries, sha256=False)   # Hugging Face keeps none
     total = 0
     stream = ((n[len("model."):], reader.read(n)) for n in tqdm(names, desc="convert to-hf", leave=False))
     for key, tensor in to_hf(stream, model):
         out.write(key, tensor)
         total += tensor.numel() * tensor.element_size()
     out.close()
+    out.wait_durable()
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
     if (folder / "tokenizer.json").exists():
         shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")

@@ -50,12 +50,14 @@ class CheckpointReader:
         whole = [p for p in pieces if p.dim is None]
         if whole:
             t = self._open(whole[0].file).get_tensor(whole[0].key)
-            return t if dim is None else t.narrow(dim, start, stop - start).clone()
+            # A view into the file's mapping (copy-on-write): the caller copies what it keeps; a writer copies
+            # only when the slice is strided.
+            return t if dim is None else t.narrow(dim, start, stop - start)
         piece_dim = pieces[0].dim
         if dim is not None and dim != piece_dim:
             # Never happens for megalm's own layers (a tensor is always split along the same dim); be explicit.
             full = self._assemble(name, shape, None, 0, None)
-            return full.narrow(dim, start, stop - start).clone()
+            return full.narrow(dim, start, stop - start)
         lo, hi = (start, stop) if dim is not None else (0, shape[piece_dim])
         parts = []
         for p in sorted(pieces, key=lambda p: p.offset):

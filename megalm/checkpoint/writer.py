@@ -7,10 +7,12 @@ safetensors file.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,9 +26,31 @@ def dtype_from_name(name: str) -> torch.dtype:
     return getattr(torch, name.replace("torch.", ""))
 
 
+def _load_sync_file_range():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):                          # not Linux: fsync alone does the work
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without waiting and without dropping them from
+    the page cache (Linux sync_file_range), so that the final fsync finds little left to do."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 class PlannedSafetensorsFile:
-    def __init__(self, path, entries: list[tuple[str, torch.dtype, tuple]]):
-        """entries: (key, dtype, shape) of every tensor the file will hold, in file order."""
+    def __init__(self, path, entries: list[tuple[str, torch.dtype, tuple]], sha256: bool = True):
+        """entries: (key, dtype, shape) of every tensor the file will hold, in file order. sha256=False: no
+        digest (files for another format, such as Hugging Face's, that records none)."""
         self.path = Path(path)
         header, offset, self.slots = {}, 0, {}
         for key, dtype, shape in entries:
@@ -41,8 +65,11 @@ class PlannedSafetensorsFile:
         head = struct.pack("<Q", len(raw)) + raw
         os.write(self.fd, head)
         self.pending = set(self.slots)
-        # While tensors arrive in file order the sha256 is computed as they are written (no second read).
-        self._hash, self._next = hashlib.sha256(head), 0
+        # While tensors arrive in file order the sha256 is computed as they are written (no second read), on a
+        # thread of its own (hashlib releases the GIL) so that hashing one piece overlaps fetching the next.
+        self.sha256 = sha256
+        self._hash, self._next = (hashlib.sha256(head) if sha256 else None), 0
+        self._hasher, self._hashing = ThreadPoolExecutor(max_workers=1), None
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         offset, nbytes, dtype, shape = self.slots[key]
@@ -53,22 +80,47 @@ class PlannedSafetensorsFile:
         written = 0
         while written < nbytes:                                 # pwrite may write less than asked
             written += os.pwrite(self.fd, data[written:], self.data_start + offset + written)
+        _start_writeback(self.fd, self.data_start + offset, nbytes)
         self.pending.discard(key)
+        self._wait_for_hash()                                   # at most one piece held for hashing
         if self._hash is not None and offset == self._next:
-            self._hash.update(data)
+            self._hashing = self._hasher.submit(self._hash.update, data)   # data keeps the piece alive
             self._next += nbytes
         else:
             self._hash = None                                   # out of order: hash the file at close
 
-    def close(self) -> str:
-        """fsync and close; returns the file's sha256."""
+    def _wait_for_hash(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
+
+    def close(self) -> str | None:
+        """Finish the file and return its sha256 (None if not asked for). The fsync runs on the file's own thread,
+        so the disk writes this file back while the caller fills the next one; ``wait_durable()`` joins it
+        before anything is committed."""
+        self._wait_for_hash()
         if self.pending:
             os.close(self.fd)
+            self._hasher.shutdown()
             raise ValueError(f"{self.path.name}: tensors never written: {sorted(self.pending)[:5]}")
-        os.fsync(self.fd)
-        os.close(self.fd)
-        if self._hash is None:
+        if not self.sha256:
+            digest = None
+        elif self._hash is None:
             from megalm.checkpoint.format import sha256_file
 
-            return sha256_file(self.path)
-        return self._hash.hexdigest()
+            digest = sha256_file(self.path)
+        else:
+            digest = self._hash.hexdigest()
+        self._durable = self._hasher.submit(self._fsync_and_close)
+        self._hasher.shutdown(wait=False)
+        return digest
+
+    def _fsync_and_close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def wait_durable(self) -> None:
+        """Block until the file is on disk (raises what fsync raised)."""
+        self._durable.result()

@@ -106,3 +106,20 @@ def test_finetune_from_a_hugging_face_model(trained, tiny_corpus, tmp_path):
     source = tensors_of(tmp_path / "imported")
     for name, t in source.items():
         assert torch.equal(result.read(name), t), name
+
+
+@pytest.mark.slow
+def test_bench_convert_reports_every_conversion_beside_its_copy(tmp_path):
+    from megalm.checkpoint import bench
+
+    assert bench.main(["--hidden", "256", "--layers", "2", "--vocab", "512", "--repeat", "2",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_convert.json").read_text())
+    assert set(report["conversions"]) == {"layout tp1 -> tp2 x pp2", "megalm -> Hugging Face",
+                                          "Hugging Face -> megalm tp2"}
+    for conv in report["conversions"].values():
+        assert len(conv["rounds"]) == 2
+        assert all(r["alone"] > 0 and r["copy"] > 0 for r in conv["rounds"])
+        assert conv["vs_copy"] > 0 and conv["rss_above_import"] >= 0
+    assert (tmp_path / "bench_convert.png").stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []      # the scratch checkpoints are gone

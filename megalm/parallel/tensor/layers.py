@@ -46,12 +46,16 @@ class ShardSpec:
 
     def take(self, master: torch.Tensor) -> torch.Tensor:
         """This rank's slice of ``master`` (a contiguous copy)."""
+        return self.view(master).clone(memory_format=torch.contiguous_format)
+
+    def view(self, master: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of ``master`` as a view (no copy; strided when ``dim`` > 0)."""
         if self.dim is None:
-            return master.clone()
+            return master
         if master.shape[self.dim] % self.parts:
             raise ValueError(f"cannot cut dim {self.dim} of a {tuple(master.shape)} tensor into {self.parts} "
                              f"equal parts; the master tensor does not match this layer")
-        return master.chunk(self.parts, self.dim)[self.index].clone()
+        return master.chunk(self.parts, self.dim)[self.index]
 
 
 def _rows(param, dim: int) -> int:
