@@ -10,6 +10,10 @@ queries of every head in its group (so GQA's dK/dV sums happen in registers, nev
 either from a second kernel that owns a query block (deterministic) or from fp32 atomic adds in the first
 (one pass fewer, run-to-run bit differences on a GPU).
 
+Every loop over blocks is split: blocks wholly visible (before the causal diagonal, inside the sequence) run
+without masks, and only the diagonal blocks and the ragged end pay for the causal and length masks; blocks
+wholly above the diagonal are never visited.
+
 fp32 inputs use IEEE fp32 dots (no TF32). bf16 dots are wrong in Triton's interpreter (it multiplies raw
 bit patterns), so under the interpreter bf16 tiles are upcast to fp32 before every ``tl.dot``, after the same
 rounding the GPU path applies.
@@ -67,6 +71,34 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, offs_m, offs_n, offs_d, d_ok, T, skt, svt, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                IEEE: tl.constexpr):
+    # Online softmax over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < T) & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            ok = cols[None, :] < T
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= cols[None, :])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, Hq, T, D) queries, any strides with the last dim contiguous
     K,  # (B, Hkv, T, D) keys, any strides with the last dim contiguous
@@ -96,26 +128,19 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of s
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = T
+    # Key blocks [0, mid) are wholly visible to every row of this block (before the diagonal, inside T): they
+    # run without masks. [mid, hi) holds the diagonal and the ragged end, masked. Key 0 comes first either
+    # way, visible to every row, so m_i is finite after one step.
     if CAUSAL:
+        mid = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(T, start_m + BLOCK_M)
-    # The first key block always holds key 0, visible to every row, so m_i is finite after one step.
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < T) & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
-        ok = cols[None, :] < T
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= cols[None, :])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
-        m_i = m_new
+    else:
+        mid = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, 0, mid, offs_m, offs_n, offs_d, d_ok, T, skt,
+                                svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mid, hi, offs_m, offs_n, offs_d, d_ok, T, skt,
+                                svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
     tl.store(O + bh * T * D + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -147,6 +172,45 @@ def _attn_bwd_delta_kernel(
 #   dS = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = sum_d O_id dO_id
 #   dQ = c dS K,   dK = c dS^T Q     (dK also summed over the group)
 # P, dS are rounded to the input dtype before their dots, as in the forward.
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_m0, offs_n, offs_d, d_ok, T, D,
+                 sqt, qk_scale, sm_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # dK, dV (and dQ by atomics) over the query blocks [lo, hi) of one query head; MASKED: apply the
+    # sequence end and the causal mask.
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        if MASKED:
+            m_ok = offs_m < T
+            q_mask = m_ok[:, None] & d_ok[None, :]
+        else:
+            q_mask = d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+        if MASKED:
+            lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
+        else:
+            lse = tl.load(LSE + bh * T + offs_m)
+            delta = tl.load(DELTA + bh * T + offs_m)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            ok = m_ok[:, None] & (offs_n[None, :] < T)
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        else:
+            p = tl.exp2(s - lse[:, None])
+        dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+        if ATOMIC_DQ:
+            dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * sm_scale
+            tl.atomic_add(DQ_ACC + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=q_mask)
+    return dk, dv
 
 
 @triton.jit
@@ -182,34 +246,58 @@ def _attn_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # queries before this key block cannot see it
         lo = (start_n // BLOCK_M) * BLOCK_M
+    # Query blocks [mid, full_end) see every key of this block and lie inside T: no masks there. [lo, mid)
+    # holds the diagonal, [full_end, T) the ragged end; a ragged last key block is masked throughout.
+    full_end = lo + ((T - lo) // BLOCK_M) * BLOCK_M
+    mid = lo
+    if CAUSAL:
+        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, full_end)
+    if start_n + BLOCK_N > T:
+        mid = lo
+        full_end = lo
     H = H_KV * GROUP
     for g in range(GROUP):
         h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
         bh = b * H + h
-        for start_m in range(lo, T, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_ok = offs_m < T
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask,
-                        other=0.0)
-            do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, mid, offs_m0, offs_n, offs_d,
+                              d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST, IEEE)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, mid, full_end, offs_m0, offs_n,
+                              offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, False, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST,
+                              IEEE)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, full_end, T, offs_m0, offs_n,
+                              offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST,
+                              IEEE)
+    out = bhk * T * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d, m_ok, d_ok, T, skt, svt,
+               qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # dQ += dS K over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        if MASKED:
             ok = m_ok[:, None] & (offs_n[None, :] < T)
             if CAUSAL:
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
-            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
-            if ATOMIC_DQ:
-                dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * sm_scale
-                tl.atomic_add(DQ_ACC + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=q_mask)
-    out = bhk * T * D + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        else:
+            p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    return dq
 
 
 @triton.jit
@@ -245,22 +333,16 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = T
-    if CAUSAL:
+    if CAUSAL:  # as in the forward: [0, mid) unmasked, [mid, hi) the diagonal and the ragged end
+        mid = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(T, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        ok = m_ok[:, None] & (offs_n[None, :] < T)
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    else:
+        mid = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, 0, mid, offs_m, offs_n0, offs_d, m_ok, d_ok, T, skt,
+                    svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mid, hi, offs_m, offs_n0, offs_d, m_ok, d_ok, T, skt,
+                    svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE)
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 

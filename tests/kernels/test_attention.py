@@ -51,6 +51,19 @@ def test_sequence_129_gqa(dtype, atol, rtol, causal):
     _run((1, 3, 1, 129, 64), dtype, atol, rtol, causal, deterministic=(dtype == torch.float32))
 
 
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=["M16_N32", "M32_N16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_unequal_tiles(monkeypatch, tiles, causal, deterministic):
+    """The GPU configurations use unequal query and key tiles (e.g. 128 x 64 forward, 32 x 128 dK/dV): the
+    split into unmasked blocks and masked diagonal / ragged-end blocks must hold for any ratio. T=77 ends
+    mid-tile for both sizes."""
+    block_m, block_n = tiles
+    monkeypatch.setattr(attn_mod, "attention_blocks", lambda *a: dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                       num_warps=1, num_stages=1))
+    _run((1, 2, 1, 77, 32), torch.float32, 1e-5, 0.0, causal, deterministic=deterministic)
+
+
 @pytest.mark.parametrize("head_dim", [32, 256, 80])
 def test_other_head_dims(head_dim):
     """Powers of two 32..256 and a non-power of two (80, padded to a 128-wide tile and masked)."""
