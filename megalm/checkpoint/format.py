@@ -41,10 +41,11 @@ class Piece:
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
+    h, buffer = hashlib.sha256(), bytearray(block)      # one buffer, reused: no allocation per block
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
 
 
