@@ -71,24 +71,50 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_range(start_m, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # For the query block at start_m: key blocks [0, mid) are wholly visible (before the causal diagonal, inside
+    # T) and run without masks; [mid, hi) holds the diagonal and the ragged end, masked.
+    if CAUSAL:
+        mid = (start_m // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(T, start_m + BLOCK_M)
+    else:
+        mid = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    return mid, hi
+
+
+@triton.jit
+def _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED: tl.constexpr):
+    # One (BLOCK_N, BLOCK_D) tile of K and of V; MASKED: rows past the sequence end read as zeros.
+    if MASKED:
+        mask = (cols[:, None] < T) & d_ok[None, :]
+    else:
+        mask = d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _visible(offs_m, cols, T, CAUSAL: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) mask of the scores that exist: query row and key inside T, key not after the query.
+    ok = (offs_m[:, None] < T) & (cols[None, :] < T)
+    if CAUSAL:
+        ok = ok & (offs_m[:, None] >= cols[None, :])
+    return ok
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, offs_m, offs_n, offs_d, d_ok, T, skt, svt, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr):
     # Online softmax over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols[:, None] < T) & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            ok = cols[None, :] < T
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= cols[None, :])
-            s = tl.where(ok, s, float("-inf"))
+        if MASKED:  # rows past T keep their scores: key 0 stays visible to them, so m_i stays finite
+            s = tl.where(_visible(tl.minimum(offs_m, T - 1), cols, T, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -128,15 +154,8 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of s
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key blocks [0, mid) are wholly visible to every row of this block (before the diagonal, inside T): they
-    # run without masks. [mid, hi) holds the diagonal and the ragged end, masked. Key 0 comes first either
-    # way, visible to every row, so m_i is finite after one step.
-    if CAUSAL:
-        mid = (start_m // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(T, start_m + BLOCK_M)
-    else:
-        mid = (T // BLOCK_N) * BLOCK_N
-        hi = T
+    # Key 0 comes first, in whichever loop, visible to every row: m_i is finite after one step.
+    mid, hi = _key_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, 0, mid, offs_m, offs_n, offs_d, d_ok, T, skt,
                                 svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mid, hi, offs_m, offs_n, offs_d, d_ok, T, skt,
@@ -197,10 +216,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_
             delta = tl.load(DELTA + bh * T + offs_m)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            ok = m_ok[:, None] & (offs_n[None, :] < T)
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(_visible(offs_m, offs_n, T, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
         else:
             p = tl.exp2(s - lse[:, None])
         dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
@@ -274,24 +290,16 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d, m_ok, d_ok, T, skt, svt,
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d, d_ok, T, skt, svt,
                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # dQ += dS K over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if MASKED:
-            kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, T, skt, svt, MASKED)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         if MASKED:
-            ok = m_ok[:, None] & (offs_n[None, :] < T)
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(_visible(offs_m, offs_n, T, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
         else:
             p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
@@ -333,15 +341,10 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:  # as in the forward: [0, mid) unmasked, [mid, hi) the diagonal and the ragged end
-        mid = (start_m // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(T, start_m + BLOCK_M)
-    else:
-        mid = (T // BLOCK_N) * BLOCK_N
-        hi = T
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, 0, mid, offs_m, offs_n0, offs_d, m_ok, d_ok, T, skt,
+    mid, hi = _key_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, 0, mid, offs_m, offs_n0, offs_d, d_ok, T, skt,
                     svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mid, hi, offs_m, offs_n0, offs_d, m_ok, d_ok, T, skt,
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mid, hi, offs_m, offs_n0, offs_d, d_ok, T, skt,
                     svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE)
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
