@@ -32,7 +32,7 @@ from megalm.checkpoint.format import (
     sha256_file,
     verify_files,
 )
-from megalm.checkpoint.load import CheckpointReader
+from megalm.checkpoint.load import CheckpointReader, rows_byte_range, safetensors_offsets
 from megalm.checkpoint.plan import plan_layout
 from megalm.checkpoint.writer import PlannedSafetensorsFile, dtype_from_name
 from megalm.config import Config, ModelConfig
@@ -63,13 +63,15 @@ def _check_layout(model: ModelConfig, tp: int, pp: int, vs: int) -> None:
 
 
 def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: dict, tp=1, pp=1, vs=1,
-                     tokenizer_file=None, label="convert", before_commit=None) -> dict:
+                     tokenizer_file=None, label="convert", before_commit=None, locate=None) -> dict:
     """Write a megalm checkpoint in layout (tp, pp, vs).
 
     tensors: name -> (dtype, global shape) of every tensor the source holds; ``read(name, spec, local_shape)``
     returns the piece ``spec`` of tensor ``name``. Pieces are pulled file by file in file order, so every file
     is written front to back and hashed as it is written. ``before_commit()`` runs last and may raise to
-    abandon the result (the source's own verification, run alongside).
+    abandon the result (the source's own verification, run alongside). ``locate(name, spec)``, when given,
+    returns (file, byte offset, byte count) of a piece stored contiguously in the source, which is then copied
+    file to file in the kernel (or None).
     """
     _check_layout(model, tp, pp, vs)
     plan = plan_layout(model, list(tensors), tp, pp, vs)
@@ -89,7 +91,11 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
             out = PlannedSafetensorsFile(tmp / f, [(p.name, dtypes[p.name], p.local_shape) for p in plan[f]])
             for p in plan[f]:
                 piece = read(p.name, p.spec, p.local_shape)
-                out.write(p.name, piece)
+                where = locate(p.name, p.spec) if locate is not None else None
+                if where is not None and where[2] == piece.numel() * piece.element_size():
+                    out.copy_range(p.name, piece, where[0], where[1])
+                else:
+                    out.write(p.name, piece)
                 bar.update(piece.numel() * piece.element_size())
             return out, out.close()
 
@@ -152,7 +158,7 @@ def convert_layout(src, dst, tp=1, pp=1, vs=1) -> dict:
     meta["config"]["parallel"].update(tp=tp, pp=pp, virtual_stages=vs, dp=None)
     tok = folder / "tokenizer.json"
     return write_checkpoint(Path(dst), cfg.model, tensors, reader.read, meta, tp, pp, vs, tok, "convert layout",
-                            before_commit=verified.result)
+                            before_commit=verified.result, locate=reader.byte_range)
 
 
 # ---- Hugging Face -> megalm ------------------------------------------------------------------------------
@@ -178,14 +184,18 @@ def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
     files = _hf_tensor_files(src)
     # Plan from the headers: run the name mapping over meta tensors of the stored dtypes and shapes.
     handles = {f: safe_open(str(f), framework="pt") for f in files}
-    tensors, where = {}, {}
+    tensors, where, stored_as_is = {}, {}, {}
     for f, h in handles.items():
+        offsets = safetensors_offsets(f)
         for key in h.keys():
             s = h.get_slice(key)
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[s.get_dtype()]
-            for name, t in from_hf([(key, torch.empty(s.get_shape(), dtype=dtype, device="meta"))], model):
+            meta = torch.empty(s.get_shape(), dtype=dtype, device="meta")
+            for name, t in from_hf([(key, meta)], model):
                 tensors[f"model.{name}"] = (str(t.dtype).replace("torch.", ""), tuple(t.shape))
                 where[f"model.{name}"] = (f, key)
+                if t is meta:                  # renamed only (not transposed or split): copyable as bytes
+                    stored_as_is[f"model.{name}"] = (f, *offsets[key][:2], t.shape[0] if t.dim() else 1)
     last = threading.local()   # per writer thread: the HF tensor read last, mapped (GPT-2's c_attn feeds q, k, v)
 
     def read(name, spec, local_shape):
@@ -195,8 +205,16 @@ def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
                                                 from_hf([(key, handles[f].get_tensor(key))], model)}
         return spec.view(last.tensors[name])    # the writer copies only what is strided
 
+    def locate(name, spec):
+        if name not in stored_as_is:
+            return None
+        f, start, end, rows = stored_as_is[name]
+        found = rows_byte_range(start, end, 0, rows, rows, spec)
+        return None if found is None else (f, *found)
+
     tok = src / "tokenizer.json"
-    return write_checkpoint(Path(dst), model, tensors, read, base_meta(cfg), tp, pp, vs, tok, "convert from-hf")
+    return write_checkpoint(Path(dst), model, tensors, read, base_meta(cfg), tp, pp, vs, tok, "convert from-hf",
+                            locate=locate)
 
 
 # ---- megalm -> Hugging Face ------------------------------------------------------------------------------
@@ -220,10 +238,22 @@ def convert_to_hf(src, dst) -> dict:
     start = time.perf_counter()
     out = PlannedSafetensorsFile(tmp / "model.safetensors", entries, sha256=False)   # Hugging Face keeps none
     total = 0
-    stream = ((n[len("model."):], reader.read(n)) for n in tqdm(names, desc="convert to-hf", leave=False))
-    for key, tensor in to_hf(stream, model):
-        out.write(key, tensor)
+    as_read: dict = {}                  # id of a tensor as read -> (its name, the tensor): passed on unchanged?
+    def stream():
+        for n in tqdm(names, desc="convert to-hf", leave=False):
+            t = reader.read(n)
+            as_read[id(t)] = (n, t)
+            yield n[len("model."):], t
+
+    for key, tensor in to_hf(stream(), model):
+        name, original = as_read.pop(id(tensor), (None, None))
+        where = reader.byte_range(name) if original is tensor else None
+        if where is not None and where[2] == tensor.numel() * tensor.element_size():
+            out.copy_range(key, tensor, where[0], where[1])
+        else:
+            out.write(key, tensor)
         total += tensor.numel() * tensor.element_size()
+        as_read.clear()
     out.close()
     out.wait_durable()
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))

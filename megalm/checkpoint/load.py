@@ -1,6 +1,8 @@
 """Load with resharding: any rank reads exactly its slice of each global tensor, whatever layout wrote it."""
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ class CheckpointReader:
     def __init__(self, folder, verify: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, verify=verify)
-        self._handles = {}
+        self._handles, self._layouts = {}, {}
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -45,6 +47,27 @@ class CheckpointReader:
                                                       (spec.index + 1) * shape[dim] // spec.parts)
         return self._assemble(name, shape, dim, start, stop)
 
+    def byte_range(self, name: str, spec=None) -> tuple[Path, int, int] | None:
+        """(file, byte offset, byte count) of this rank's slice of ``name`` when it is one contiguous run of
+        bytes in one stored file (a whole tensor, or rows of one piece cut along dim 0); else None. Lets a
+        converter copy it file to file in the kernel instead of through memory."""
+        shape = self.global_shape(name)
+        rows = shape[0] if shape else 1
+        for p in pieces_of(self.manifest, name):
+            lo, hi = (0, rows) if p.dim is None else (p.offset, p.offset + p.length)
+            if p.dim not in (None, 0):
+                return None
+            start, end, _ = self._offsets(p.file)[p.key]
+            found = rows_byte_range(start, end, lo, hi, rows, spec)
+            if found is not None:
+                return (self.folder / p.file, *found)
+        return None
+
+    def _offsets(self, file: str) -> dict:
+        if file not in self._layouts:
+            self._layouts[file] = safetensors_offsets(self.folder / file)
+        return self._layouts[file]
+
     def _assemble(self, name, shape, dim, start, stop):
         pieces = pieces_of(self.manifest, name)
         whole = [p for p in pieces if p.dim is None]
@@ -72,3 +95,29 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder}: pieces of {name!r} cover {covered} of {hi - lo} rows along dim "
                                   f"{piece_dim}: the checkpoint is incomplete")
         return torch.cat(parts, dim=piece_dim) if len(parts) > 1 else parts[0]
+
+
+def safetensors_offsets(path: Path) -> dict:
+    """key -> (absolute start byte, end byte, dtype name) of every tensor in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1], v["dtype"])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def rows_byte_range(start: int, end: int, lo: int, hi: int, rows: int, spec) -> tuple[int, int] | None:
+    """Bytes [start, end) of a file hold rows [lo, hi) (along dim 0) of a tensor of ``rows`` rows. Return
+    (offset, count) of the rows ``spec`` asks for (all of them for a whole tensor) if they lie inside; else
+    None, also when ``spec`` cuts another dim."""
+    if spec is not None and spec.dim is not None and spec.parts > 1:
+        if spec.dim != 0:
+            return None
+        want_lo, want_hi = spec.index * rows // spec.parts, (spec.index + 1) * rows // spec.parts
+    else:
+        want_lo, want_hi = 0, rows
+    if not (lo <= want_lo and want_hi <= hi):
+        return None
+    row_bytes = (end - start) // max(hi - lo, 1)
+    return start + (want_lo - lo) * row_bytes, (want_hi - want_lo) * row_bytes
