@@ -41,20 +41,15 @@ class Piece:
     length: int          # its extent along dim
 
 
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    """Hashed straight from the page cache through a read-only mapping (no copy into a buffer)."""
+def sha256_file(path: Path, window: int = 1 << 26) -> str:
+    """Hashed straight from the page cache through read-only mappings of ``window`` bytes at a time: no copy
+    into a buffer, and no more than one window resident in this process whatever the file's size."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                for start in range(0, size, block):
-                    h.update(view[start:start + block])
-            finally:
-                view.release()
+        for start in range(0, size, window):
+            with mmap.mmap(f.fileno(), min(window, size - start), offset=start, access=mmap.ACCESS_READ) as m:
+                h.update(m)
     return h.hexdigest()
 
 
