@@ -91,11 +91,7 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
             out = PlannedSafetensorsFile(tmp / f, [(p.name, dtypes[p.name], p.local_shape) for p in plan[f]])
             for p in plan[f]:
                 piece = read(p.name, p.spec, p.local_shape)
-                where = locate(p.name, p.spec) if locate is not None else None
-                if where is not None and where[2] == piece.numel() * piece.element_size():
-                    out.copy_range(p.name, piece, where[0], where[1])
-                else:
-                    out.write(p.name, piece)
+                out.put(p.name, piece, locate(p.name, p.spec) if locate is not None else None)
                 bar.update(piece.numel() * piece.element_size())
             return out, out.close()
 
@@ -239,6 +235,7 @@ def convert_to_hf(src, dst) -> dict:
     out = PlannedSafetensorsFile(tmp / "model.safetensors", entries, sha256=False)   # Hugging Face keeps none
     total = 0
     as_read: dict = {}                  # id of a tensor as read -> (its name, the tensor): passed on unchanged?
+
     def stream():
         for n in tqdm(names, desc="convert to-hf", leave=False):
             t = reader.read(n)
@@ -247,11 +244,7 @@ def convert_to_hf(src, dst) -> dict:
 
     for key, tensor in to_hf(stream(), model):
         name, original = as_read.pop(id(tensor), (None, None))
-        where = reader.byte_range(name) if original is tensor else None
-        if where is not None and where[2] == tensor.numel() * tensor.element_size():
-            out.copy_range(key, tensor, where[0], where[1])
-        else:
-            out.write(key, tensor)
+        out.put(key, tensor, reader.byte_range(name) if original is tensor else None)
         total += tensor.numel() * tensor.element_size()
         as_read.clear()
     out.close()

@@ -84,6 +84,14 @@ class PlannedSafetensorsFile:
             written += os.pwrite(self.fd, data[written:], self.data_start + offset + written)
         self._written(key, offset, nbytes, data)
 
+    def put(self, key: str, tensor: torch.Tensor, source: tuple | None = None) -> None:
+        """Write ``key``: copied file to file when ``source`` = (file, byte offset, byte count) locates exactly
+        these bytes in a source file, else from memory."""
+        if source is not None and source[2] == tensor.numel() * tensor.element_size():
+            self.copy_range(key, tensor, source[0], source[1])
+        else:
+            self.write(key, tensor)
+
     def copy_range(self, key: str, tensor: torch.Tensor, source: Path, source_offset: int) -> None:
         """Write ``key`` by copying its bytes from ``source`` at ``source_offset`` file to file in the kernel
         (copy_file_range: about half the CPU of a pwrite from memory). ``tensor`` holds the same bytes (a view
