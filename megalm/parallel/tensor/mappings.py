@@ -103,19 +103,6 @@ class _GatherFromTPLastDim(torch.autograd.Function):
         return comm.split(grad, ctx.tp, -1), None, None
 
 
-class _ReduceGradOverTP(torch.autograd.Function):
-    """Identity forward; all-reduce backward: a replicated parameter whose gradient is partial per rank."""
-
-    @staticmethod
-    def forward(ctx, param, tp, kind):
-        ctx.tp, ctx.kind = tp, kind
-        return param.view_as(param)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return comm.all_reduce(grad, ctx.tp, ctx.kind), None, None
-
-
 def copy_to_tp(x: torch.Tensor, tp: TensorParallel, kind: str | None = None) -> torch.Tensor:
     """f: enter a TP region with a replicated input (identity forward, all-reduce backward)."""
     return x if tp.size == 1 else _CopyToTP.apply(x, tp, kind)
@@ -155,4 +142,4 @@ def reduce_grad_over_tp(param: torch.Tensor, tp: TensorParallel,
     applied to a sequence shard; a bias added after a reduce-scatter; K/V weights replicated because
     num_kv_heads < tp): ``w = reduce_grad_over_tp(self.weight, tp)``. Backward sums the gradient over the TP
     group, so every rank's ``param.grad`` is the full gradient and the replicas stay equal."""
-    return param if tp.size == 1 else _ReduceGradOverTP.apply(param, tp, kind)
+    return param if tp.size == 1 else _CopyToTP.apply(param, tp, kind)       # the same f, on a parameter
