@@ -268,9 +268,9 @@ def _attn_bwd_dkdv_kernel(
     mid = lo
     if CAUSAL:
         mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, full_end)
-    if start_n + BLOCK_N > T:
-        mid = lo
-        full_end = lo
+    ragged = start_n + BLOCK_N > T  # selects rather than a runtime `if`, which must keep each variable's type
+    mid = tl.where(ragged, lo, mid)
+    full_end = tl.where(ragged, lo, full_end)
     H = H_KV * GROUP
     for g in range(GROUP):
         h = hk * GROUP + g
