@@ -183,6 +183,9 @@ class CheckpointConfig:
     """With checkpoint.load: take the weights only (fresh optimizer, step 0, data from the start)."""
     save_optimizer: bool = True
     """Save optimizer state (needed for exact resume)."""
+    deepspeed_native: bool = False
+    """Under DeepSpeed, also write DeepSpeed's own ZeRO checkpoint at each save, to train.run_dir/deepspeed/
+    (tag global_stepN), for DeepSpeed's tools; `megalm convert from-deepspeed` reads it back. Needs pp = 1."""
 
 
 @dataclass
@@ -372,6 +375,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if p.zero_offload and p.zero_stage < 2:
         raise ConfigError(f"parallel.zero_offload needs parallel.zero_stage 2 or 3 (got {p.zero_stage})")
+    if cfg.checkpoint.deepspeed_native and not (cfg.uses_deepspeed and p.pp == 1):
+        raise ConfigError(f"checkpoint.deepspeed_native=true needs the DeepSpeed engine (parallel.engine=deepspeed "
+                          f"or a ZeRO stage) and parallel.pp=1 (got pp={p.pp}): DeepSpeed names its files by "
+                          f"model-parallel rank only, so pipeline stages would overwrite each other")
 
 
 def _validate_pipeline(cfg: Config) -> None:

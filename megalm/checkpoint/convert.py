@@ -26,10 +26,10 @@ from tqdm import tqdm
 from megalm.checkpoint.format import (
     FORMAT,
     VERSION,
+    add_tokenizer,
     commit,
     latest_checkpoint,
     piece_entry,
-    sha256_file,
     verify_files,
 )
 from megalm.checkpoint.load import CheckpointReader, rows_byte_range, safetensors_offsets
@@ -111,9 +111,7 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
             slot = manifest["tensors"].setdefault(p.name, {"shape": list(p.global_shape),
                                                            "dtype": tensors[p.name][0], "pieces": []})
             slot["pieces"].append(piece_entry(p.spec, p.local_shape, f, p.name))
-    if tokenizer_file and Path(tokenizer_file).exists():
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
+    add_tokenizer(tmp, manifest, tokenizer_file)
     if before_commit is not None:
         before_commit()
     commit(tmp, dst, manifest)
@@ -270,11 +268,13 @@ def convert_to_hf(src, dst) -> dict:
 def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
     from megalm.checkpoint.deepspeed import convert_deepspeed_checkpoint
     from megalm.config import load_config
+    from megalm.runtime import dataset_tokenizer, resolve_vocab
 
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ConvertError(f"{dst} exists and is not empty; megalm convert never overwrites: choose a new --dst")
     cfg = load_config(config_file)
+    resolve_vocab(cfg, dataset_tokenizer(cfg))          # as `megalm train` did: from the dataset's tokenizer
     return convert_deepspeed_checkpoint(src, dst, cfg, tag=tag)
 
 

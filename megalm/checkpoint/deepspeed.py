@@ -27,9 +27,18 @@ from pathlib import Path
 
 import torch
 
-from megalm.checkpoint.format import FORMAT, VERSION, checkpoints_root, commit, step_dir_name
+from megalm.checkpoint.format import (
+    FORMAT,
+    VERSION,
+    add_tokenizer,
+    add_written,
+    checkpoints_root,
+    commit,
+    step_dir_name,
+)
 from megalm.checkpoint.save import write_pieces
 from megalm.config import Config
+from megalm.data.tokenizer import tokenizer_path
 from megalm.parallel.tensor.layers import ShardSpec
 
 WHOLE = ShardSpec(None)
@@ -225,6 +234,7 @@ def convert_deepspeed_checkpoint(ds_dir, out_dir, model_config, tag=None, with_o
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)                     # nothing half-written stays behind
         raise
+    add_tokenizer(tmp, manifest, tokenizer_path(cfg.data.prefix) if cfg.data.prefix else None)
     commit(tmp, final, manifest, latest_root=root)
     print(f"convert: {folder} (ZeRO-{manifest['layout']['zero_stage']}, tp {tp}, dp {manifest['layout']['dp']}) "
           f"-> {final} in {time.perf_counter() - begin:.1f}s", flush=True)
@@ -239,13 +249,8 @@ def _write_model_parallel_ranks(by_mp, folder, cfg, with_optimizer, max_file_byt
         ranks = _Ranks(files)
         specs = _tp_specs(cfg.model, len(by_mp), mp_rank)
         for batch in _batches(_tensors(ranks, model_states, with_optimizer, specs, mp_rank), max_file_bytes):
-            written = write_pieces(tmp, batch_index, batch)             # shard-{batch_index:05d}.safetensors
+            add_written(manifest, write_pieces(tmp, batch_index, batch))  # shard-{batch_index:05d}.safetensors
             batch_index += 1
-            manifest["files"][written["file"]] = written["sha256"]
-            for name, entry in written["entries"].items():
-                slot = manifest["tensors"].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"],
-                                                             "pieces": []})
-                slot["pieces"].append(entry["piece"])
         del ranks, model_states                                   # unmap this mp rank's files
 
 

@@ -77,6 +77,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def add_tokenizer(folder: Path, manifest: dict, tokenizer_file) -> None:
+    """Copy ``tokenizer_file`` (when there is one) into a checkpoint being written, its sha256 into the manifest."""
+    if tokenizer_file and Path(tokenizer_file).exists():
+        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+        manifest["files"]["tokenizer.json"] = sha256_file(folder / "tokenizer.json")
+
+
+def add_written(manifest: dict, written: dict) -> None:
+    """Record one ``write_pieces`` report (a file, its sha256 and the pieces it holds) in the manifest."""
+    if written["file"]:
+        manifest["files"][written["file"]] = written["sha256"]
+    for name, entry in written["entries"].items():
+        slot = manifest["tensors"].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"], "pieces": []})
+        slot["pieces"].append(entry["piece"])
+
+
 def piece_entry(spec, local_shape: tuple, file: str, key: str) -> dict:
     """The manifest's description of one stored piece: which slice of the global tensor ``spec`` denotes."""
     dim = spec.dim if spec.dim is not None and spec.parts > 1 else None

@@ -18,6 +18,8 @@ from megalm.checkpoint.format import (
     COMMITTED,
     FORMAT,
     VERSION,
+    add_tokenizer,
+    add_written,
     checkpoints_root,
     commit,
     piece_entry,
@@ -70,15 +72,8 @@ def save_checkpoint(run_dir, step: int, owned, meta: dict, tokenizer_file=None, 
     if rank == 0:
         manifest = {"format": FORMAT, "version": VERSION, "step": step, **meta, "tensors": {}, "files": {}}
         for report in reports:
-            if report["file"]:
-                manifest["files"][report["file"]] = report["sha256"]
-            for name, entry in report["entries"].items():
-                slot = manifest["tensors"].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"],
-                                                             "pieces": []})
-                slot["pieces"].append(entry["piece"])
-        if tokenizer_file and Path(tokenizer_file).exists():
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-            manifest["files"]["tokenizer.json"] = sha256_file(tmp / "tokenizer.json")
+            add_written(manifest, report)
+        add_tokenizer(tmp, manifest, tokenizer_file)
         commit(tmp, final, manifest, latest_root=root)
         _prune(root, keep)
         print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)

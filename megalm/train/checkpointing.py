@@ -1,6 +1,8 @@
 """The training loop's side of checkpoints: what a rank owns, what goes into the manifest, and restore."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from megalm.checkpoint.load import CheckpointReader
 from megalm.checkpoint.save import save_checkpoint
 from megalm.config import Config
@@ -30,6 +32,8 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
         "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"},
     }
     save_checkpoint(cfg.train.run_dir, step, owned, meta, tokenizer_file, cfg.checkpoint.keep)
+    if cfg.checkpoint.deepspeed_native:                     # collective, like DeepSpeed's save_checkpoint
+        engine.save_deepspeed_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")
 
 
 def restore(engine, reader: CheckpointReader, weights_only: bool = False) -> tuple[int, int]:

@@ -109,3 +109,36 @@ def test_tensor_parallel_zero_checkpoint_converts(tiny_corpus, tmp_path, stage):
         convert_deepspeed_checkpoint(ds_dir, tmp_path / "piped", piped, tag="step3")
     assert not (tmp_path / "piped").exists()
     assert not any((tmp_path / "other").rglob("*.safetensors"))
+
+
+def _train_cli(rank, world, overrides):
+    from megalm.train.loop import train
+
+    train(load_config(None, overrides))
+
+
+@pytest.mark.slow
+def test_train_writes_deepspeed_native_checkpoints_that_convert_back(tiny_corpus, tmp_path):
+    """`megalm train ... checkpoint.deepspeed_native=true` under ZeRO-3 on 2 processes also writes DeepSpeed's own
+    checkpoint; `megalm convert from-deepspeed --verify` of it equals megalm's own checkpoint of the same step."""
+    import yaml
+
+    from megalm.checkpoint.convert import main
+    from megalm.checkpoint.format import latest_checkpoint
+
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_corpus, run, **{
+        "parallel.zero_stage": 3, "parallel.deepspeed_config": "configs/deepspeed/zero3.json", "train.steps": 3,
+        "train.global_batch_size": 4, "checkpoint.deepspeed_native": "true", "optimizer.name": "adamw"})
+    run_distributed(_train_cli, 2, overrides)
+    assert (run / "deepspeed" / "latest").read_text().strip() == "global_step3"
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(load_config(None, overrides).to_dict()))
+    assert main(["from-deepspeed", "--src", str(run / "deepspeed"), "--dst", str(tmp_path / "out"),
+                 "--config", str(config_file), "--verify"]) == 0
+    converted, own = CheckpointReader(latest_checkpoint(tmp_path / "out")), CheckpointReader(latest_checkpoint(run))
+    assert converted.manifest["step"] == own.manifest["step"] == 3
+    assert "tokenizer.json" in converted.manifest["files"]            # the dataset's, as training saved it
+    assert set(converted.manifest["tensors"]) == set(own.manifest["tensors"])
+    for name in own.manifest["tensors"]:
+        assert torch.equal(converted.read(name), own.read(name).float()), name

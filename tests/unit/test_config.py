@@ -67,3 +67,12 @@ def test_valid_layouts_pass():
     check(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "model.num_kv_heads=1",
            "train.global_batch_size=16"], 8)
     check(["parallel.pp=2", "parallel.virtual_stages=2", "train.global_batch_size=16"], 2)
+
+
+def test_deepspeed_native_checkpoints_need_deepspeed_and_one_stage():
+    with pytest.raises(ConfigError, match="checkpoint.deepspeed_native"):
+        load_config(None, ["checkpoint.deepspeed_native=true"]).validate(1)
+    with pytest.raises(ConfigError, match=r"pp=2"):
+        load_config(None, ["checkpoint.deepspeed_native=true", "parallel.zero_stage=1", "parallel.pp=2",
+                           "model.num_layers=2", "train.global_batch_size=8"]).validate(2)
+    load_config(None, ["checkpoint.deepspeed_native=true", "parallel.zero_stage=1"]).validate(1)
