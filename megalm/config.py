@@ -124,7 +124,7 @@ class TrainConfig:
     global_batch_size: int = 8
     """Samples per optimizer step over all data-parallel ranks (= micro x accumulation x dp)."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 (fp16 needs a GPU and uses dynamic loss scaling)."""
+    """fp32, bf16 or fp16 (fp16: dynamic loss scaling, agreed over all ranks; with DeepSpeed it needs a GPU)."""
     seed: int = 1234
     """Seed of initialisation and dropout."""
     run_dir: str = "runs/tiny"
@@ -137,6 +137,10 @@ class TrainConfig:
     """Print a progress line every this many steps."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
+    initial_loss_scale: float = 65536.0
+    """fp16: the first loss scale, a power of two (halved at every overflow, when that step is skipped)."""
+    loss_scale_window: int = 1000
+    """fp16: double the loss scale after this many steps in a row without overflow."""
     device: str = "auto"
     """auto (CUDA when available), cuda or cpu."""
     stop_at_step: Optional[int] = None
@@ -334,7 +338,7 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
                 ("model.max_seq_len", m.max_seq_len), ("data.seq_len", cfg.data.seq_len),
                 ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
                 ("train.global_batch_size", t.global_batch_size), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
-                ("parallel.virtual_stages", p.virtual_stages)]
+                ("parallel.virtual_stages", p.virtual_stages), ("train.loss_scale_window", t.loss_scale_window)]
     for name, value in positive:
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
@@ -371,6 +375,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
                           f"use a sequence length divisible by {p.tp}")
     _validate_pipeline(cfg)
     _validate_batch(cfg, world_size)
+    scale = t.initial_loss_scale
+    if not (scale >= 1 and math.log2(scale).is_integer()):
+        raise ConfigError(f"train.initial_loss_scale={scale} must be a power of two of at least 1 (e.g. 65536), "
+                          f"so that scaling and unscaling are exact")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if p.zero_offload and p.zero_stage < 2:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -132,9 +133,11 @@ def resolve_deepspeed_config(cfg: Config, dp: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
-        # fp16: dynamic loss scaling (loss_scale 0), from 2^16, halved on overflow, doubled after 1000 good steps
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # fp16: dynamic loss scaling (loss_scale 0) as megalm's own engine does it: halved at every overflow
+        # (hysteresis 1), doubled after train.loss_scale_window clean steps
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": int(math.log2(t.initial_loss_scale)),
+                 "loss_scale_window": t.loss_scale_window, "hysteresis": 1, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,   # megalm hands DeepSpeed a torch.optim instance (no JIT build)
         "zero_force_ds_cpu_optimizer": False,    # ... also under offload (no cpu_adam build)
         "steps_per_print": 1 << 30,
@@ -412,6 +415,22 @@ class DeepSpeedEngine:
 
     def optimizer_step_count(self) -> int:
         return optimizer_step_count(self.torch_optimizer)
+
+    _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def loss_scale_state(self) -> dict | None:
+        """DeepSpeed's fp16 dynamic loss scaler (the same on every rank: it reduces overflow over dp and mp)."""
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        if self.cfg.train.precision != "fp16" or scaler is None:
+            return None
+        return {k: getattr(scaler, k) for k in self._SCALER_FIELDS if hasattr(scaler, k)}
+
+    def load_loss_scale_state(self, state: dict | None) -> None:
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        if self.cfg.train.precision == "fp16" and scaler is not None and state:
+            for key in self._SCALER_FIELDS:
+                if key in state and hasattr(scaler, key):
+                    setattr(scaler, key, state[key])
 
     @torch.no_grad()
     def _set_weight(self, p, value: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
         "data": {"prefix": cfg.data.prefix, "consumed_samples": consumed_samples},
         "optimizer": {"name": cfg.optimizer.name, "step": engine.optimizer_step_count(),
                       "has_state": with_optim},
+        "loss_scale": engine.loss_scale_state(),     # fp16 only; None otherwise
         "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"},
     }
     save_checkpoint(cfg.train.run_dir, step, owned, meta, tokenizer_file, cfg.checkpoint.keep)
@@ -44,4 +45,5 @@ def restore(engine, reader: CheckpointReader, weights_only: bool = False) -> tup
         engine.load_state_tensors(reader.read, 0, False)
         return 0, 0
     engine.load_state_tensors(reader.read, m["optimizer"]["step"], m["optimizer"]["has_state"])
+    engine.load_loss_scale_state(m.get("loss_scale"))
     return m["step"], m["data"]["consumed_samples"]

@@ -38,8 +38,13 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record.get("step", 0))
 
     def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                   print_line: bool) -> None:
-        self.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+                   print_line: bool, loss_scale: float | None = None) -> None:
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        fp16 = ""
+        if loss_scale is not None:      # fp16: the scale after this step; an inf norm means a skipped update
+            record["loss_scale"] = loss_scale
+            fp16 = f" | loss scale {loss_scale:g}" + (" (overflow: update skipped)" if math.isinf(grad_norm) else "")
+        self.log(record)
         if self.start_step is None:
             self.start_step, self.start_time = step - 1, time.perf_counter()
         if self.enabled and print_line:
@@ -47,7 +52,7 @@ class MetricsLogger:
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / max(1, done) * (self.total_steps - step)
             print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
-                  f"| {tokens_per_s:,.0f} tok/s | ETA {_fmt(eta)}", flush=True)
+                  f"| {tokens_per_s:,.0f} tok/s | ETA {_fmt(eta)}{fp16}", flush=True)
 
     def evaluation(self, step: int, split: str, loss: float) -> None:
         ppl = math.exp(min(loss, 50.0))

@@ -15,6 +15,7 @@ from megalm.config import Config
 from megalm.parallel.parallelize import counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.pipeline.stage import sum_tied_gradients
 from megalm.parallel.topology import Topology
+from megalm.train.loss_scale import DynamicLossScaler
 from megalm.train.optim import build_optimizer, optimizer_step_count
 
 
@@ -26,18 +27,20 @@ def autocast_for(precision: str, device: torch.device):
 
 
 def check_precision(precision: str, device: torch.device) -> None:
+    """DeepSpeed's fp16 optimizers need a GPU; megalm's own engine also runs fp16 on a CPU (slowly: for tests)."""
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA GPU (dynamic loss scaling); on this CPU use "
-                         "train.precision=bf16")
+        raise ValueError("train.precision=fp16 with DeepSpeed needs a CUDA GPU; on this CPU use "
+                         "train.precision=bf16, or parallel.zero_stage=0 for megalm's own engine")
 
 
 class NativeEngine:
     def __init__(self, cfg: Config, topo: Topology, chunks, device: torch.device):
-        check_precision(cfg.train.precision, device)
         self.cfg, self.topo, self.chunks, self.device = cfg, topo, chunks, device
         self.named = [(f"{c}:{n}", n, p, chunk) for c, chunk in enumerate(chunks) for n, p in chunk.named_parameters()]
         self.optimizer = build_optimizer(cfg, [(key, p) for key, _, p, _ in self.named])
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
+        self.scaler = None
+        if cfg.train.precision == "fp16":
+            self.scaler = DynamicLossScaler(topo, cfg.train.initial_loss_scale, cfg.train.loss_scale_window)
 
     def forward(self, chunk: int, x, targets=None):
         with autocast_for(self.cfg.train.precision, self.device):
@@ -45,8 +48,8 @@ class NativeEngine:
 
     def backward(self, chunk: int, output, output_grad=None):
         if output_grad is None:
-            output = self.scaler.scale(output) if self.scaler else output
-            output.backward()
+            output = self.scaler.scale_loss(output) if self.scaler else output
+            output.backward()   # on earlier pipeline stages the received gradient carries the scale already
         else:
             torch.autograd.backward(output, output_grad)
 
@@ -73,11 +76,17 @@ class NativeEngine:
         return float(total.sqrt())
 
     def step(self, lr: float) -> float:
-        """Reduce gradients, clip, update, zero. Returns the global gradient norm before clipping."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        """Reduce gradients, clip, update, zero. Returns the global gradient norm before clipping; under fp16,
+        inf when some rank's gradients overflowed (every rank then skips the update and lowers the scale)."""
         sum_tied_gradients(tied_embedding_params(self.chunks, self.topo), self.topo)
         self._all_reduce_data_parallel()
+        if self.scaler:
+            overflow = self.scaler.unscale_and_check([p.grad for p in self.params() if p.grad is not None],
+                                                     self.device)
+            self.scaler.update(overflow)
+            if overflow:
+                self.optimizer.zero_grad(set_to_none=True)
+                return float("inf")
         norm = self.grad_norm()
         clip = self.cfg.train.grad_clip
         if clip > 0 and norm > clip:
@@ -86,11 +95,7 @@ class NativeEngine:
                     p.grad.mul_(clip / (norm + 1e-6))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -110,6 +115,13 @@ class NativeEngine:
 
     def optimizer_step_count(self) -> int:
         return optimizer_step_count(self.optimizer)
+
+    def loss_scale_state(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_loss_scale_state(self, state: dict | None) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
 
     @torch.no_grad()
     def load_state_tensors(self, read, step_count: int, with_optimizer: bool = True) -> None:

@@ -229,3 +229,11 @@ def test_fp16_on_cpu_says_use_bf16(tmp_path):
     cfg = _cfg(tmp_path, **{"train.precision": "fp16", "parallel.zero_stage": 1})
     with pytest.raises(ValueError, match="train.precision=bf16"):
         build_deepspeed_chunks(cfg, Topology(), torch.device("cpu"))
+
+
+def test_fp16_loss_scaling_settings_reach_deepspeed(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.precision": "fp16", "parallel.zero_stage": 1, "train.initial_loss_scale": 1024,
+                            "train.loss_scale_window": 50})
+    fp16 = resolve_deepspeed_config(cfg, dp=1)["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0            # dynamic
+    assert (fp16["initial_scale_power"], fp16["loss_scale_window"], fp16["hysteresis"]) == (10, 50, 1)
