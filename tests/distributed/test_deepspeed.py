@@ -232,6 +232,8 @@ def test_fp16_on_cpu_says_use_bf16(tmp_path):
 
 
 def test_fp16_loss_scaling_settings_reach_deepspeed(tmp_path):
+    from megalm.engine import resolve_deepspeed_config
+
     cfg = _cfg(tmp_path, **{"train.precision": "fp16", "parallel.zero_stage": 1, "train.initial_loss_scale": 1024,
                             "train.loss_scale_window": 50})
     fp16 = resolve_deepspeed_config(cfg, dp=1)["fp16"]
