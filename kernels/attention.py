@@ -14,6 +14,10 @@ Every loop over blocks is split: blocks wholly visible (before the causal diagon
 without masks, and only the diagonal blocks and the ragged end pay for the causal and length masks; blocks
 wholly above the diagonal are never visited.
 
+Loads carry masks only where a tile can leave the sequence or the head dim (a head dim that is no power of
+two), so full tiles compile to vector loads and asynchronous copies. On a GPU the first call for a shape times
+a few tile configurations per kernel and keeps the fastest (see ``_pick``); the deterministic path does not.
+
 fp32 inputs use IEEE fp32 dots (no TF32). bf16 dots are wrong in Triton's interpreter (it multiplies raw
 bit patterns), so under the interpreter bf16 tiles are upcast to fp32 before every ``tl.dot``, after the same
 rounding the GPU path applies.
@@ -21,10 +25,11 @@ rounding the GPU path applies.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from .utils import attention_blocks, can_launch, interpreting, next_power_of_2, tl, triton
+from .utils import attention_candidates, can_launch, interpreting, next_power_of_2, tl, triton
 
 
 def _check(q, k, v):
@@ -84,14 +89,25 @@ def _key_range(start_m, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED: tl.constexpr):
-    # One (BLOCK_N, BLOCK_D) tile of K and of V; MASKED: rows past the sequence end read as zeros.
-    if MASKED:
-        mask = (cols[:, None] < T) & d_ok[None, :]
+def _load_tile(base, rows, offs_d, d_ok, T, stride, ROWS: tl.constexpr, PAD_D: tl.constexpr):
+    # A (rows, BLOCK_D) tile; ROWS: rows past the sequence end read as zeros; PAD_D: so do the columns past the
+    # head dim (BLOCK_D > D). Without either, the load carries no mask at all.
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if ROWS and PAD_D:
+        return tl.load(ptrs, mask=(rows[:, None] < T) & d_ok[None, :], other=0.0)
+    elif ROWS:
+        return tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
+    elif PAD_D:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
     else:
-        mask = d_ok[None, :]
-    k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=mask, other=0.0)
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    # One (BLOCK_N, BLOCK_D) tile of K and of V; MASKED: rows past the sequence end read as zeros.
+    k = _load_tile(k_base, cols, offs_d, d_ok, T, skt, MASKED, PAD_D)
+    v = _load_tile(v_base, cols, offs_d, d_ok, T, svt, MASKED, PAD_D)
     return k, v
 
 
@@ -107,11 +123,11 @@ def _visible(offs_m, cols, T, CAUSAL: tl.constexpr):
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, offs_m, offs_n, offs_d, d_ok, T, skt, svt, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, PAD_D: tl.constexpr):
     # Online softmax over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED)
+        k, v = _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED, PAD_D)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:  # rows past T keep their scores: key 0 stays visible to them, so m_i stays finite
             s = tl.where(_visible(tl.minimum(offs_m, T - 1), cols, T, CAUSAL), s, float("-inf"))
@@ -136,7 +152,7 @@ def _attn_fwd_kernel(
     qk_scale,  # softmax_scale * log2(e)
     GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B * H * T * D may pass 2^31
@@ -147,8 +163,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, d_ok, T, sqt, True, PAD_D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of s
@@ -157,9 +172,9 @@ def _attn_fwd_kernel(
     # Key 0 comes first, in whichever loop, visible to every row: m_i is finite after one step.
     mid, hi = _key_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, 0, mid, offs_m, offs_n, offs_d, d_ok, T, skt,
-                                svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE)
+                                svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mid, hi, offs_m, offs_n, offs_d, d_ok, T, skt,
-                                svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE)
+                                svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
     tl.store(O + bh * T * D + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -196,19 +211,15 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_m0, offs_n, offs_d, d_ok, T, D,
                  sqt, qk_scale, sm_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr):
     # dK, dV (and dQ by atomics) over the query blocks [lo, hi) of one query head; MASKED: apply the
     # sequence end and the causal mask.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
+        q = _load_tile(q_base, offs_m, offs_d, d_ok, T, sqt, MASKED, PAD_D)
+        do = _load_tile(DO + bh * T * D, offs_m, offs_d, d_ok, T, D, MASKED, PAD_D)
         if MASKED:
             m_ok = offs_m < T
-            q_mask = m_ok[:, None] & d_ok[None, :]
-        else:
-            q_mask = d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-        if MASKED:
             lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
         else:
@@ -225,7 +236,15 @@ def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_
         dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
         if ATOMIC_DQ:
             dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * sm_scale
-            tl.atomic_add(DQ_ACC + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=q_mask)
+            dq_ptrs = DQ_ACC + bh * T * D + offs_m[:, None] * D + offs_d[None, :]
+            if MASKED and PAD_D:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < T) & d_ok[None, :])
+            elif MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < T)
+            elif PAD_D:
+                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :])
+            else:
+                tl.atomic_add(dq_ptrs, dq)
     return dk, dv
 
 
@@ -245,7 +264,7 @@ def _attn_bwd_dkdv_kernel(
     qk_scale, sm_scale,  # softmax_scale * log2(e), softmax_scale
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -277,13 +296,14 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * sqb + h * sqh
         bh = b * H + h
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, mid, offs_m0, offs_n, offs_d,
-                              d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST, IEEE)
+                              d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST, IEEE,
+                              PAD_D)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, mid, full_end, offs_m0, offs_n,
                               offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, False, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST,
-                              IEEE)
+                              IEEE, PAD_D)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, full_end, T, offs_m0, offs_n,
                               offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST,
-                              IEEE)
+                              IEEE, PAD_D)
     out = bhk * T * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -292,11 +312,11 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d, d_ok, T, skt, svt,
                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr):
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr):
     # dQ += dS K over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, T, skt, svt, MASKED)
+        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, T, skt, svt, MASKED, PAD_D)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         if MASKED:
             p = tl.where(_visible(offs_m, offs_n, T, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
@@ -322,7 +342,7 @@ def _attn_bwd_dq_kernel(
     qk_scale, sm_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B * H * T * D may pass 2^31
@@ -343,9 +363,9 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     mid, hi = _key_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, 0, mid, offs_m, offs_n0, offs_d, d_ok, T, skt,
-                    svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE)
+                    svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mid, hi, offs_m, offs_n0, offs_d, d_ok, T, skt,
-                    svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE)
+                    svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 
@@ -360,45 +380,94 @@ def _strides(*ts):
 
 def _flags(q):
     upcast = interpreting() and q.dtype == torch.bfloat16
-    return dict(UPCAST=upcast, IEEE=q.dtype == torch.float32)
+    D = q.shape[-1]
+    return dict(UPCAST=upcast, IEEE=q.dtype == torch.float32, BLOCK_D=_block_d(D), PAD_D=_block_d(D) != D)
+
+
+def _block_d(head_dim):
+    return max(16, next_power_of_2(head_dim))
 
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _attn_forward(q, k, v, causal, scale):
+# ----------------------------------------------------------------------------------------------------------
+# Tile tuning: on a GPU, the first call for a shape times each candidate configuration once and keeps the
+# fastest for the life of the process. The deterministic path launches the defaults only, so its results do not
+# depend on which configuration won a timing race in this process. MEGALM_ATTENTION_TUNING=0 turns tuning off.
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _tuning() -> bool:
+    return os.environ.get("MEGALM_ATTENTION_TUNING", "1") != "0" and not interpreting()
+
+
+def _time_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _pick(key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest of ``candidates`` for ``key`` (timed by running ``launch(cfg)``, once per process). A
+    candidate that fails to compile or to fit this GPU's shared memory is skipped; the default may not fail."""
+    if len(candidates) == 1 or not _tuning():
+        return candidates[0]
+    if key not in _TUNED:
+        timings = {}
+        for i, cfg in enumerate(candidates):
+            try:
+                timings[i] = _time_ms(lambda cfg=cfg: launch(cfg))
+            except Exception:  # noqa: BLE001 - triton's OutOfResources and compile errors have no common base
+                if i == 0:
+                    raise
+        _TUNED[key] = candidates[min(timings, key=timings.get)]
+    return _TUNED[key]
+
+
+def _attn_forward(q, k, v, causal, scale, deterministic=False):
     B, Hq, T, D = q.shape
     o = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * Hq, T), dtype=torch.float32, device=q.device)
-    cfg = attention_blocks(D, q.dtype, "fwd")
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q, k, v), Hq, T, D, scale * math.log2(math.e),
-                           GROUP=Hq // k.shape[1], CAUSAL=causal, BLOCK_D=max(16, next_power_of_2(D)),
-                           **_flags(q), **cfg)
+
+    def launch(cfg):
+        grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
+        _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q, k, v), Hq, T, D, scale * math.log2(math.e),
+                               GROUP=Hq // k.shape[1], CAUSAL=causal, **_flags(q), **cfg)
+
+    candidates = attention_candidates(D, q.dtype, "fwd")[:1 if deterministic else None]
+    launch(_pick(("fwd", B, Hq, k.shape[1], T, D, q.dtype, causal), candidates, launch))
     return o, lse
 
 
 def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    BLOCK_D = max(16, next_power_of_2(D))
     do = do.contiguous()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=BLOCK_D)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=_block_d(D))
     dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=v.device)
-    dq_acc = None if deterministic else torch.zeros((B, Hq, T, D), dtype=torch.float32, device=q.device)
-    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_D=BLOCK_D, **_flags(q))
+    dq_acc = None if deterministic else torch.empty((B, Hq, T, D), dtype=torch.float32, device=q.device)
+    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, **_flags(q))
     qk_scale = scale * math.log2(math.e)
-    cfg = attention_blocks(D, q.dtype, "dkdv")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, dq_acc if dq_acc is not None else dk, *_strides(q, k, v),
-        Hkv, T, D, qk_scale, scale, ATOMIC_DQ=not deterministic, **common, **cfg)
+
+    def launch_dkdv(cfg):
+        _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, dk, dv, lse, delta, dq_acc if dq_acc is not None else dk, *_strides(q, k, v),
+            Hkv, T, D, qk_scale, scale, ATOMIC_DQ=not deterministic, **common, **cfg)
+
+    candidates = attention_candidates(D, q.dtype, "dkdv")[:1 if deterministic else None]
+    cfg = _pick(("dkdv", B, Hq, Hkv, T, D, q.dtype, causal), candidates, launch_dkdv)
     if not deterministic:
+        dq_acc.zero_()                      # after any timing runs, which accumulated into it too
+        launch_dkdv(cfg)
         return dq_acc.to(q.dtype), dk, dv
+    launch_dkdv(cfg)
     dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    cfg = attention_blocks(D, q.dtype, "dq")
+    cfg = attention_candidates(D, q.dtype, "dq")[0]
     _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
         q, k, v, do, dq, lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale, scale, **common, **cfg)
     return dq, dk, dv
@@ -408,7 +477,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, deterministic):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = _attn_forward(q, k, v, causal, scale)
+        o, lse = _attn_forward(q, k, v, causal, scale, deterministic)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
         return o

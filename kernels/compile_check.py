@@ -1,5 +1,6 @@
 """Compile every Triton kernel, with the tile configurations its GPU path launches, for a CUDA architecture, on
-a machine without a GPU. ``python -m megalm.kernels.compile_check [--arch 90]``
+a machine without a GPU. ``python -m megalm.kernels.compile_check [--arch 90]``. Attention's tuning
+candidates are all compiled, not only its defaults.
 
 Triton's front end, its MLIR passes and the ptxas it ships run without a driver, so type errors that the
 interpreter forgives (a variable whose type differs between the branches of a runtime ``if``, a constexpr
@@ -23,9 +24,6 @@ import torch
 
 # Largest shared memory one block may use (opt-in maximum), by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
-_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
-            torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1"}
-
 
 @contextlib.contextmanager
 def captured_launches():
@@ -37,16 +35,23 @@ def captured_launches():
     calls = []
     modules = [attention, cross_entropy, norm, rope, swiglu]
     saved = [(m, m.can_launch) for m in modules if hasattr(m, "can_launch")]
+    tuning = (attention._tuning, attention._time_ms, dict(attention._TUNED))
     original = JITFunction.__getitem__
     JITFunction.__getitem__ = lambda fn, grid: (lambda *args, **kwargs: calls.append((fn, args, kwargs)))
     for module, _ in saved:
         module.can_launch = lambda *tensors: True
+    # every tuning candidate is "timed" once, so it is captured and compiled too
+    attention._tuning, attention._time_ms = (lambda: True), (lambda fn: (fn(), 0.0)[1])
+    attention._TUNED.clear()
     try:
         yield calls
     finally:
         JITFunction.__getitem__ = original
         for module, fn in saved:
             module.can_launch = fn
+        attention._tuning, attention._time_ms = tuning[:2]
+        attention._TUNED.clear()
+        attention._TUNED.update(tuning[2])
 
 
 def _launch_everything(quick: bool = False) -> None:
@@ -80,28 +85,21 @@ def _launch_everything(quick: bool = False) -> None:
                                            torch.zeros(64, dtype=torch.long))
 
 
-def _signature(fn, args, kwargs):
-    """Triton's (signature, constexprs, options) for one recorded launch."""
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
-    values = dict(zip(fn.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
-    for i, param in enumerate(fn.params):
-        value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[(i,)] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = _POINTER[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
-    return signature, constexprs, options
+def _specialized(fn, args, kwargs, arch: int):
+    """Triton's (signature, constexprs, attrs, options) for one recorded launch, specialised exactly as the JIT
+    specialises a launch on a GPU: 16-byte aligned pointers and integers divisible by 16 are marked so. Those
+    marks decide vector loads and asynchronous copies, and with them the software pipeline's shared memory;
+    without them the same kernel compiles to scalar loads and reports a fraction of its real shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, parsed = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, parsed)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
+    return signature, constexprs, attrs, options
 
 
 def _compile_one(job: tuple) -> dict:
@@ -112,13 +110,13 @@ def _compile_one(job: tuple) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name, signature, constexprs, options, arch = job
+    module, name, signature, constexprs, attrs, options, arch = job
     fn = getattr(importlib.import_module(module), name)
     row = {"kernel": name, "types": sorted({t for t in signature.values() if t.startswith("*")}),
            "constexprs": {fn.arg_names[k[0]]: v for k, v in constexprs.items()}, **options}
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                   options=options)
         row.update(ok=True, shared=compiled.metadata.shared)
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the check fails
@@ -137,10 +135,10 @@ def compile_all(arch: int = 90, quick: bool = False, workers: int | None = None)
         _launch_everything(quick)
     jobs = {}
     for fn, args, kwargs in calls:
-        signature, constexprs, options = _signature(fn, args, kwargs)
-        key = (fn.__name__, tuple(signature.values()), tuple(sorted((k[0], repr(v)) for k, v in constexprs.items())),
+        signature, constexprs, attrs, options = _specialized(fn, args, kwargs, arch)
+        key = (fn.__name__, tuple(signature.values()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
                tuple(sorted(options.items())))
-        jobs.setdefault(key, (fn.__module__, fn.__name__, signature, constexprs, options, arch))
+        jobs.setdefault(key, (fn.__module__, fn.__name__, signature, constexprs, attrs, options, arch))
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1,
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_compile_one, jobs.values()))

@@ -84,26 +84,38 @@ def row_kernel_settings(n_cols: int, element_size: int) -> tuple[int, int]:
 
 
 def attention_blocks(head_dim: int, dtype: torch.dtype, stage: str) -> dict:
-    """Tile sizes for the attention kernels; ``stage`` is "fwd", "dkdv" or "dq".
+    """The default tile sizes for the attention kernels; ``stage`` is "fwd", "dkdv" or "dq".
 
-    One fixed configuration per shape (no autotune): autotune cannot run in the interpreter, and picking
-    configurations run to run would make timings and the backward's reduction order vary. Under the
-    interpreter, small 16x16 tiles make short test sequences span several blocks, exercising the edge masks.
+    Under the interpreter, small 16x16 tiles make short test sequences span several blocks, exercising the edge
+    masks. On a GPU these are the configurations launched when nothing is tuned, and the first candidate of
+    ``attention_candidates``.
     """
+    return attention_candidates(head_dim, dtype, stage)[0]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). bf16/fp16 at head dims up to 128: the default first, then tiles the
+# FlashAttention papers and Triton's fused-attention tutorial use on A100/H100. Every one compiles for sm_80 and
+# sm_90 within their shared memory (python -m megalm.kernels.compile_check --arch 80|90).
+_CANDIDATES = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    ("dkdv", 64): [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+    ("dkdv", 128): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
+    ("dq", 64): [(128, 32, 4, 3)],
+    ("dq", 128): [(64, 32, 8, 2)],
+}
+
+
+def attention_candidates(head_dim: int, dtype: torch.dtype, stage: str) -> list[dict]:
+    """Tile configurations for one attention stage, the default first; more than one only where tuning pays
+    (bf16/fp16 at head dims up to 128, on a GPU). fp32 and head dim 256 keep one configuration that fits the
+    shared memory (their tiles need twice of it); the deterministic dQ kernel keeps one too."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    big = head_dim > 128 or dtype == torch.float32  # fp32 and d=256 tiles need twice the shared memory
-    wide = 8 if head_dim > 128 else 4  # d=256 accumulators need the registers of 8 warps
-    if stage == "fwd":
-        if big:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=wide, num_stages=2)
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
-    if stage == "dkdv":  # a program owns BLOCK_N keys and walks the queries in BLOCK_M steps
-        if big:
-            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=wide, num_stages=1)
-        return dict(BLOCK_M=32, BLOCK_N=128 if head_dim <= 64 else 64, num_warps=4 if head_dim <= 64 else 8,
-                    num_stages=3 if head_dim <= 64 else 2)
-    if big:  # dq: a program owns BLOCK_M queries and walks the keys in BLOCK_N steps
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=wide, num_stages=1)
-    return dict(BLOCK_M=128 if head_dim <= 64 else 64, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8,
-                num_stages=3 if head_dim <= 64 else 2)
+        return [dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)]
+    if head_dim > 128 or dtype == torch.float32:
+        wide = 8 if head_dim > 128 else 4  # d=256 accumulators need the registers of 8 warps
+        if stage == "fwd":
+            return [dict(BLOCK_M=64, BLOCK_N=32, num_warps=wide, num_stages=2)]
+        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=wide, num_stages=1)]
+    table = _CANDIDATES[(stage, 64 if head_dim <= 64 else 128)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in table]

@@ -59,9 +59,80 @@ def test_unequal_tiles(monkeypatch, tiles, causal, deterministic):
     split into unmasked blocks and masked diagonal / ragged-end blocks must hold for any ratio. T=77 ends
     mid-tile for both sizes."""
     block_m, block_n = tiles
-    monkeypatch.setattr(attn_mod, "attention_blocks", lambda *a: dict(BLOCK_M=block_m, BLOCK_N=block_n,
-                                                                       num_warps=1, num_stages=1))
+    monkeypatch.setattr(attn_mod, "attention_candidates", lambda *a: [dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                            num_warps=1, num_stages=1)])
     _run((1, 2, 1, 77, 32), torch.float32, 1e-5, 0.0, causal, deterministic=deterministic)
+
+
+TILES = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1) for m, n in ((16, 16), (32, 16), (16, 32))]
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Tuning switched on under the interpreter, with three candidates and a timer that runs each candidate
+    once (as do_bench would, many times) and calls the last one fastest. Yields the launches, in order."""
+    timed = []
+
+    def fake_time(fn):
+        before = len(timed)
+        fn()
+        assert len(timed) == before + 1
+        return 10.0 - len(timed)
+
+    monkeypatch.setattr(attn_mod, "_TUNED", {})
+    monkeypatch.setattr(attn_mod, "_tuning", lambda: True)
+    monkeypatch.setattr(attn_mod, "_time_ms", fake_time)
+    monkeypatch.setattr(attn_mod, "attention_candidates", lambda *a: [dict(c) for c in TILES])
+    real_fwd, real_dkdv = attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel
+
+    def recording(kernel, stage):
+        class Recorder:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    timed.append((stage, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+                    return kernel[grid](*args, **kwargs)
+                return call
+        return Recorder()
+
+    monkeypatch.setattr(attn_mod, "_attn_fwd_kernel", recording(real_fwd, "fwd"))
+    monkeypatch.setattr(attn_mod, "_attn_bwd_dkdv_kernel", recording(real_dkdv, "dkdv"))
+    yield timed
+
+
+def test_tuning_times_each_candidate_once_and_keeps_the_fastest(tuning):
+    """The winner is launched for real; the atomic dQ, which every timing run also accumulated into, is cleared
+    first, so the gradients still match the reference. A second call with the same shape times nothing."""
+    timed = tuning
+    _run((1, 2, 1, 40, 32), torch.float32, 1e-5, 0.0, causal=True)
+    for stage in ("fwd", "dkdv"):       # three timing runs, then the winner (the last, by the fake timer)
+        assert [t for t in timed if t[0] == stage] == [(stage, 16, 16), (stage, 32, 16), (stage, 16, 32),
+                                                       (stage, 16, 32)]
+    assert len(attn_mod._TUNED) == 2
+    timed.clear()
+    _run((1, 2, 1, 40, 32), torch.float32, 1e-5, 0.0, causal=True)
+    assert timed == [("fwd", 16, 32), ("dkdv", 16, 32)]
+
+
+def test_deterministic_path_launches_only_the_defaults(tuning):
+    timed = tuning
+    _run((1, 2, 1, 40, 32), torch.float32, 1e-5, 0.0, causal=False, deterministic=True)
+    assert timed == [("fwd", 16, 16), ("dkdv", 16, 16)] and attn_mod._TUNED == {}
+
+
+def test_a_failing_candidate_is_skipped_but_a_failing_default_is_not(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_TUNED", {})
+    monkeypatch.setattr(attn_mod, "_tuning", lambda: True)
+    monkeypatch.setattr(attn_mod, "_time_ms", lambda fn: fn())
+
+    def launch(cfg):
+        if cfg["name"] == "broken":
+            raise RuntimeError("out of resources: shared memory")
+        return cfg["ms"]
+
+    candidates = [dict(name="default", ms=2.0), dict(name="broken"), dict(name="fast", ms=1.0)]
+    assert attn_mod._pick(("k",), candidates, launch)["name"] == "fast"
+    with pytest.raises(RuntimeError, match="out of resources"):
+        attn_mod._pick(("other",), [dict(name="broken"), dict(name="fast", ms=1.0)], launch)
 
 
 @pytest.mark.parametrize("head_dim", [32, 256, 80])

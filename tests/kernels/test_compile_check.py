@@ -44,9 +44,31 @@ def test_a_kernel_the_interpreter_accepts_but_the_compiler_refuses_is_reported(t
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
         from megalm.kernels.compile_check import _compile_one
-        row = _compile_one(("badkernel", "bad_kernel", {{"X": "*fp32", "n": "i32"}}, {{}}, {{}}, 90))
+        row = _compile_one(("badkernel", "bad_kernel", {{"X": "*fp32", "n": "i32"}}, {{}}, {{}}, {{}}, 90))
         print("OK" if row["ok"] else "FAILED " + row["error"])
     """)
     out = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("FAILED"), out.stdout
+
+
+def test_launches_are_specialised_as_the_jit_would():
+    """Aligned pointers and strides divisible by 16 carry tt.divisibility, as on a GPU: without it the compiler
+    emits scalar loads and no async copies, and the shared memory it reports is a fraction of the real one."""
+    script = textwrap.dedent("""
+        import torch
+        from megalm.kernels import attention
+        from megalm.kernels.compile_check import _specialized, captured_launches
+        with captured_launches() as calls, torch.no_grad():
+            q = torch.empty(1, 4, 256, 128, dtype=torch.bfloat16)
+            attention._attn_forward(q, q, q, True, 0.1)
+        fn, args, kwargs = calls[0]
+        signature, constexprs, attrs, options = _specialized(fn, args, kwargs, 90)
+        names = list(signature)
+        marked = sorted(names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in v)
+        print(" ".join(marked), options["num_warps"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    marked = out.stdout.split()
+    assert {"Q", "K", "V", "O", "LSE", "sqt", "skt", "D"} <= set(marked[:-1]), out.stdout
