@@ -178,6 +178,17 @@ def bench_norms(device, timer, gpu: bool, quick: bool) -> list[dict]:
     return rows
 
 
+def tuned_tiles() -> list[dict]:
+    """The tile configuration each attention kernel kept per shape in this process (empty without tuning)."""
+    from . import attention
+
+    rows = []
+    for (stage, b, hq, hkv, t, d, dtype, causal), cfg in sorted(attention._TUNED.items(), key=str):
+        rows.append(dict(stage=stage, batch=b, heads=hq, kv_heads=hkv, seq=t, head_dim=d,
+                         dtype=str(dtype).replace("torch.", ""), causal=causal, **cfg))
+    return rows
+
+
 def _print(rows, peaks):
     print(f"peak: matmul {peaks['matmul_tflops']:.3g} TFLOP/s ({peaks['matmul_dtype']}), "
           f"copy {peaks['copy_gbps']:.4g} GB/s")
@@ -257,7 +268,9 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     meta = {"device": torch.cuda.get_device_name() if gpu else "cpu", "references_only": not gpu,
-            "peaks": peaks}
+            "peaks": peaks, "attention_tiles": tuned_tiles()}
+    for row in meta["attention_tiles"]:
+        print("attention tile chosen: " + ", ".join(f"{k}={v}" for k, v in row.items()))
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({**meta, "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in r.items()} for r in rows]}, f, indent=1)

@@ -26,6 +26,7 @@ def test_bench_runs_references_on_cpu(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
     meta = json.loads((tmp_path / "bench.json").read_text())
     assert meta["references_only"] is True and len(meta["rows"]) == len(rows)
+    assert meta["attention_tiles"] == []                  # no Triton attention ran, so nothing was tuned
 
 
 def test_triton_available_under_interpreter():
