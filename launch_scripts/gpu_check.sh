@@ -2,9 +2,9 @@
 # The one prepared GPU check (about 5-8 minutes on an H100): what only a GPU can show. Results go to $OUT
 # (default runs/gpu-check): logs, kernel and training benchmark tables (JSON + PNG).
 #   - the gpu-marked kernel tests and the whole kernel suite on real Triton (no interpreter);
-#   - megalm bench kernels: attention TFLOP/s and norm GB/s beside torch SDPA (flash, cuDNN backends), Liger,
-#     and the attention tile each shape kept after tuning (bench.json "attention_tiles")
-#     and the card's measured matmul/copy peak;
+#   - megalm bench kernels: attention TFLOP/s and norm GB/s beside torch SDPA (flash, cuDNN backends), Liger
+#     and the card's measured matmul/copy peak, and the attention tile each shape kept after tuning
+#     (bench.json "attention_tiles");
 #   - megalm bench train: GPT-2 124M shape, bf16, seq 1024, with the Triton kernels and with the torch path,
 #     beside a plain transformers loop, MFU against the measured peak;
 #   - a short CUDA training run of configs/tiny.yaml on the embedded corpus (the loss must fall).
