@@ -206,6 +206,12 @@ class KernelConfig:
     """auto (Triton on CUDA, PyTorch on CPU), triton or torch."""
     norm: str = "auto"
     """auto, triton or torch."""
+    rope: str = "auto"
+    """Rotary embedding: auto, triton (fused, one pass) or torch."""
+    swiglu: str = "auto"
+    """SwiGLU activation: auto, triton (fused silu(gate) * up) or torch."""
+    cross_entropy: str = "auto"
+    """The head's loss at tp = 1: auto, triton (fused linear + cross entropy, never the full logits) or torch."""
 
 
 SECTIONS = {
@@ -227,6 +233,9 @@ CHOICES = {
     ("lr", "decay"): ("cosine", "linear", "constant"),
     ("kernels", "attention"): ("auto", "triton", "torch"),
     ("kernels", "norm"): ("auto", "triton", "torch"),
+    ("kernels", "rope"): ("auto", "triton", "torch"),
+    ("kernels", "swiglu"): ("auto", "triton", "torch"),
+    ("kernels", "cross_entropy"): ("auto", "triton", "torch"),
 }
 
 
@@ -375,6 +384,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
                           f"use a sequence length divisible by {p.tp}")
     _validate_pipeline(cfg)
     _validate_batch(cfg, world_size)
+    if cfg.kernels.cross_entropy == "triton" and p.tp > 1:
+        raise ConfigError(f"kernels.cross_entropy=triton fuses the whole-vocabulary head and loss, which needs "
+                          f"parallel.tp=1 (got {p.tp}); at tp > 1 the vocabulary-parallel loss runs. Use "
+                          f"kernels.cross_entropy=auto or torch")
     scale = t.initial_loss_scale
     if not (scale >= 1 and math.log2(scale).is_integer()):
         raise ConfigError(f"train.initial_loss_scale={scale} must be a power of two of at least 1 (e.g. 65536), "

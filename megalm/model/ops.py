@@ -1,8 +1,11 @@
-"""The kernel interface: attention and normalisation, chosen once when the model is built.
+"""The kernel interface: attention, normalisation, RoPE, SwiGLU and the head's loss, chosen once when the model
+is built.
 
-``torch`` is the reference path (SDPA, F.layer_norm, an fp32 RMSNorm); ``triton`` uses the fused kernels in
-``megalm.kernels``; ``auto`` picks Triton on CUDA and the reference elsewhere. The model calls only
-``Ops.attention`` and ``Ops.norm``, so kernels drop in without touching model code.
+``torch`` is the reference path (SDPA, F.layer_norm, an fp32 RMSNorm, plain RoPE/SwiGLU, full logits then cross
+entropy); ``triton`` uses the fused kernels in ``megalm.kernels``; ``auto`` picks Triton on CUDA and the
+reference elsewhere. The model calls only ``Ops`` methods, so kernels drop in without touching model code.
+The fused linear + cross entropy serves tp = 1 only: under tensor parallelism the vocabulary-parallel loss
+already keeps each rank to its slice of the logits.
 """
 from __future__ import annotations
 
@@ -38,13 +41,37 @@ def torch_layer_norm(x, weight, bias, eps: float):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def torch_rope(x, cos, sin):
+    """Rotary embedding, "rotate half" convention: x (B, H, T, D), cos/sin (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def torch_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def torch_linear_cross_entropy(h, weight, targets):
+    """Mean token loss of the logits h @ weight^T (tp = 1), softmax in fp32."""
+    return F.cross_entropy(F.linear(h, weight).float().flatten(0, -2), targets.flatten())
+
+
 @dataclass
 class Ops:
-    attention_impl: str
-    norm_impl: str
+    """The resolved kernel choice: ``impls`` names the path of each op ("triton" or "torch")."""
+
+    impls: dict
     _attention: Callable
     _layer_norm: Callable
     _rms_norm: Callable
+    rope: Callable
+    swiglu: Callable
+    _linear_cross_entropy: Callable
+
+    @property
+    def attention_impl(self) -> str:
+        return self.impls["attention"]
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
         if dropout_p > 0.0 or q.shape[2] != k.shape[2]:
@@ -56,6 +83,11 @@ class Ops:
         if kind == "rmsnorm":
             return self._rms_norm(x, weight, eps)
         return self._layer_norm(x, weight, bias, eps)
+
+    def linear_cross_entropy(self, h, weight, targets):
+        """Mean loss of (B, T, H) hidden states against (B, T) targets through the full head (tp = 1 only)."""
+        return self._linear_cross_entropy(h.flatten(0, -2), weight, targets.flatten()) \
+            if self.impls["cross_entropy"] == "triton" else torch_linear_cross_entropy(h, weight, targets)
 
 
 def _use_triton(choice: str, device: torch.device, what: str) -> bool:
@@ -71,16 +103,36 @@ def _use_triton(choice: str, device: torch.device, what: str) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-def build_ops(attention: str = "auto", norm: str = "auto", device: torch.device = torch.device("cpu")) -> Ops:
-    """Resolve the kernel choice once, at model build."""
-    attn_fn, ln_fn, rms_fn = (lambda q, k, v, c: torch_attention(q, k, v, c)), torch_layer_norm, torch_rms_norm
-    use_attn, use_norm = _use_triton(attention, device, "attention"), _use_triton(norm, device, "norm")
-    if use_attn:
+def build_ops(attention: str = "auto", norm: str = "auto", device: torch.device = torch.device("cpu"),
+              rope: str = "auto", swiglu: str = "auto", cross_entropy: str = "auto") -> Ops:
+    """Resolve the kernel choice once, at model build: ``auto`` is Triton on CUDA, PyTorch elsewhere."""
+    choices = dict(attention=attention, norm=norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy)
+    impls = {what: "triton" if _use_triton(choice, device, what) else "torch" for what, choice in choices.items()}
+    ops = dict(_attention=lambda q, k, v, c: torch_attention(q, k, v, c), _layer_norm=torch_layer_norm,
+               _rms_norm=torch_rms_norm, rope=torch_rope, swiglu=torch_swiglu, _linear_cross_entropy=None)
+    if impls["attention"] == "triton":
         from megalm.kernels.attention import flash_attention
 
-        attn_fn = lambda q, k, v, c: flash_attention(q, k, v, causal=c)  # noqa: E731
-    if use_norm:
+        ops["_attention"] = lambda q, k, v, c: flash_attention(q, k, v, causal=c)
+    if impls["norm"] == "triton":
         from megalm.kernels.norm import layer_norm, rms_norm
 
-        ln_fn, rms_fn = layer_norm, rms_norm
-    return Ops("triton" if use_attn else "torch", "triton" if use_norm else "torch", attn_fn, ln_fn, rms_fn)
+        ops["_layer_norm"], ops["_rms_norm"] = layer_norm, rms_norm
+    if impls["rope"] == "triton":
+        from megalm.kernels.rope import apply_rope
+
+        ops["rope"] = apply_rope
+    if impls["swiglu"] == "triton":
+        from megalm.kernels.swiglu import swiglu as fused_swiglu
+
+        ops["swiglu"] = fused_swiglu
+    if impls["cross_entropy"] == "triton":
+        from megalm.kernels.cross_entropy import linear_cross_entropy
+
+        ops["_linear_cross_entropy"] = linear_cross_entropy
+    return Ops(impls, **ops)
+
+
+def reference_ops() -> Ops:
+    """Every op on its PyTorch path, whatever the device (conversion, verification, planning)."""
+    return build_ops("torch", "torch", rope="torch", swiglu="torch", cross_entropy="torch")

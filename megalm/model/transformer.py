@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
-from megalm.model.ops import Ops, build_ops
+from megalm.model.ops import Ops, reference_ops
 from megalm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.tensor.layers import (
     ColumnParallelLinear,
@@ -90,12 +90,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads split over the TP group.
 
@@ -145,7 +139,7 @@ class Attention(nn.Module):
         k = self._kv(self.wk, x).view(B, T, self.local_kv, hd).transpose(1, 2)    # (B, kv, T, hd)
         v = self._kv(self.wv, x).view(B, T, self.local_kv, hd).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -170,9 +164,9 @@ class _ReplicatedLinear(nn.Module):
 class MLP(nn.Module):
     """GELU MLP (w_in, w_out) or SwiGLU (w_gate, w_up, w_out): column-parallel in, row-parallel out."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, ops: Ops):
         super().__init__()
-        self.tp, self.swiglu = tp, cfg.activation == "swiglu"
+        self.tp, self.swiglu, self.ops = tp, cfg.activation == "swiglu", ops
         h, f = cfg.hidden_size, cfg.ffn_size
         if self.swiglu:
             self.w_gate = ColumnParallelLinear(h, f, tp, bias=cfg.bias)
@@ -185,7 +179,7 @@ class MLP(nn.Module):
         x = enter_tp(x, self.tp)
         if self.swiglu:
             gate = F.linear(x, self.w_gate.weight, self.w_gate.bias)
-            hidden = F.silu(gate) * F.linear(x, self.w_up.weight, self.w_up.bias)
+            hidden = self.ops.swiglu(gate, F.linear(x, self.w_up.weight, self.w_up.bias))
         else:
             hidden = F.gelu(F.linear(x, self.w_in.weight, self.w_in.bias), approximate="tanh")
         return self.w_out(hidden)
@@ -195,7 +189,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, ops: Ops, checkpointing: str = "none"):
         super().__init__()
         self.attn_norm, self.attn = Norm(cfg, tp, ops), Attention(cfg, tp, ops)
-        self.mlp_norm, self.mlp = Norm(cfg, tp, ops), MLP(cfg, tp)
+        self.mlp_norm, self.mlp = Norm(cfg, tp, ops), MLP(cfg, tp, ops)
         self.dropout, self.checkpointing, self.tp = cfg.dropout, checkpointing, tp
 
     def _drop(self, x):
@@ -218,8 +212,8 @@ class ModelChunk(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_ids, first: bool, last: bool,
                  ops: Optional[Ops] = None, checkpointing: str = "none"):
         super().__init__()
-        ops = ops or build_ops("torch", "torch")
-        self.cfg, self.tp, self.first, self.last = cfg, tp, first, last
+        ops = ops or reference_ops()
+        self.cfg, self.tp, self.first, self.last, self.ops = cfg, tp, first, last, ops
         self.layer_ids = list(layer_ids)
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
@@ -268,6 +262,9 @@ class ModelChunk(nn.Module):
             h = layer(h, rope, None if cache is None else cache.setdefault(int(i), {}))
         if not self.last:
             return h
+        if targets is not None and self.tp.size == 1:          # fused (never the full logits) or the reference
+            weight = self.embed.weight if self.cfg.tie_embeddings else self.head.weight
+            return self.ops.linear_cross_entropy(self.norm(h), weight, targets)
         logits = self.head_logits(h)
         if targets is None:
             return logits

@@ -24,7 +24,8 @@ def chunk_layer_ids(cfg: Config, topo: Topology) -> list[list[int]]:
 
 def build_chunks(cfg: Config, topo: Topology, device: torch.device, init: bool = True,
                  dtype: torch.dtype = torch.float32) -> list[ModelChunk]:
-    ops = build_ops(cfg.kernels.attention, cfg.kernels.norm, device)
+    k = cfg.kernels
+    ops = build_ops(k.attention, k.norm, device, rope=k.rope, swiglu=k.swiglu, cross_entropy=k.cross_entropy)
     ids = chunk_layer_ids(cfg, topo)
     chunks = []
     for c, layer_ids in enumerate(ids):

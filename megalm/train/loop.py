@@ -150,5 +150,6 @@ def _announce(cfg: Config, rt: Runtime, chunks, step: int, source) -> None:
           f"{cfg.train.precision}, device {rt.device}", flush=True)
     print(f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.vocab_size}; "
           f"{params / 1e6:.2f}M parameters on rank 0", flush=True)
+    print("kernels: " + ", ".join(f"{op} {impl}" for op, impl in chunks[0].ops.impls.items()), flush=True)
     if source:
         print(f"resuming from {source} at step {step}", flush=True)

@@ -1,4 +1,5 @@
-"""A tiny model trained with the Triton kernels (interpreter on CPU) follows the PyTorch path's losses."""
+"""A tiny model trained with the Triton kernels (interpreter on CPU) follows the PyTorch path's losses: attention,
+norms, RoPE, SwiGLU and the fused linear + cross entropy head all switched at once."""
 import pytest
 
 from megalm.config import load_config
@@ -9,7 +10,8 @@ from tests.conftest import tiny_overrides
 
 
 def curve(prefix, run_dir, kernel, style):
-    extra = {"kernels.attention": kernel, "kernels.norm": kernel, "train.steps": 4, "train.device": "cpu"}
+    extra = {f"kernels.{op}": kernel for op in ("attention", "norm", "rope", "swiglu", "cross_entropy")}
+    extra.update({"train.steps": 4, "train.device": "cpu"})
     extra.update(style)
     train(load_config(None, tiny_overrides(prefix, run_dir, **extra)))
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
@@ -21,9 +23,44 @@ def curve(prefix, run_dir, kernel, style):
     {"model.norm": "layernorm", "model.activation": "gelu", "model.position": "learned"},
 ], ids=["llama", "gpt2"])
 def test_triton_kernels_train_like_torch(tiny_corpus, tmp_path, style):
-    assert build_ops("triton", "triton").attention_impl == "triton"   # really the kernels, not a fallback
+    ops = build_ops("triton", "triton", rope="triton", swiglu="triton", cross_entropy="triton")
+    assert set(ops.impls.values()) == {"triton"}                       # really the kernels, not a fallback
     torch_losses = curve(tiny_corpus, tmp_path / "torch", "torch", style)
     triton_losses = curve(tiny_corpus, tmp_path / "triton", "triton", style)
     assert len(torch_losses) == len(triton_losses) == 4
     for a, b in zip(torch_losses, triton_losses):
         assert b == pytest.approx(a, rel=1e-5), (torch_losses, triton_losses)
+
+
+def test_model_calls_every_fused_kernel(monkeypatch):
+    """With every kernel on triton, one forward with targets goes through each fused op (not a fallback):
+    attention and norms, RoPE on q and k, SwiGLU, and the fused head + loss."""
+    import torch
+    from megalm.kernels import attention, cross_entropy, norm, rope, swiglu
+
+    from megalm.config import ModelConfig
+    from megalm.model.transformer import ModelChunk, init_chunk
+    from megalm.parallel.topology import TensorParallel
+
+    calls = {}
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in ((attention, "flash_attention"), (norm, "rms_norm"), (rope, "apply_rope"),
+                         (swiglu, "swiglu"), (cross_entropy, "linear_cross_entropy")):
+        counting(module, name)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden_size=64,
+                      max_seq_len=16, norm="rmsnorm", activation="swiglu", position="rope", bias=False)
+    ops = build_ops("triton", "triton", rope="triton", swiglu="triton", cross_entropy="triton")
+    model = ModelChunk(cfg, TensorParallel(), range(1), first=True, last=True, ops=ops)
+    init_chunk(model, cfg, seed=0)
+    tokens = torch.randint(0, 64, (2, 9))
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert calls == {"flash_attention": 1, "rms_norm": 3, "apply_rope": 2, "swiglu": 1, "linear_cross_entropy": 1}

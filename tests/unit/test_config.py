@@ -27,6 +27,8 @@ def check(overrides, world=None):
       "train.micro_batch_size=8"], 2, ["multiple of parallel.pp=2", "3"]),
     (["parallel.zero_offload=true", "parallel.zero_stage=1"], 1, ["zero_offload", "2 or 3"]),
     (["data.seq_len=512"], 1, ["data.seq_len=512", "max_seq_len"]),
+    (["kernels.cross_entropy=triton", "parallel.tp=2"], 2, ["kernels.cross_entropy=triton", "parallel.tp=1 (got 2)"]),
+    (["train.initial_loss_scale=3000"], 1, ["train.initial_loss_scale=3000.0", "power of two"]),
 ])
 def test_invalid_layouts_name_numbers(overrides, world, needles):
     with pytest.raises(ConfigError) as err:
