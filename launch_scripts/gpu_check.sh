@@ -22,12 +22,13 @@ nvidia-smi -L | tee "$OUT/device.txt"
 step() { echo "=== $1"; shift; timeout "${STEP_TIMEOUT:-300}" "$@"; echo "=== exit $?"; }
 step "kernel tests on CUDA" "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
 step "kernel benchmark" "$PY" -m megalm.kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log"
+KERNELS=(kernels.attention kernels.norm kernels.rope kernels.swiglu kernels.cross_entropy)
 TRAIN=(--config configs/gpt2-124m.yaml --tp 0 --steps 10 --vocab-size 50304 train.precision=bf16
        train.micro_batch_size=8 train.global_batch_size=8 data.seq_len=1024 model.dropout=0.0)
 step "train benchmark, Triton kernels" "$PY" -m megalm bench train "${TRAIN[@]}" --out "$OUT/triton" \
-  kernels.attention=triton kernels.norm=triton 2>&1 | tee "$OUT/bench_train_triton.log"
+  "${KERNELS[@]/%/=triton}" 2>&1 | tee "$OUT/bench_train_triton.log"
 step "train benchmark, torch path" "$PY" -m megalm bench train "${TRAIN[@]}" --out "$OUT/torch" \
-  kernels.attention=torch kernels.norm=torch 2>&1 | tee "$OUT/bench_train_torch.log"
+  "${KERNELS[@]/%/=torch}" 2>&1 | tee "$OUT/bench_train_torch.log"
 [ -f data/stdlib.idx ] || "$PY" -m megalm preprocess --output-prefix data/stdlib --quiet
 step "short CUDA training run" "$PY" -m megalm train --config configs/tiny.yaml train.steps=100 \
   train.precision=bf16 train.run_dir="$OUT/tiny" train.eval_interval=0 checkpoint.interval=0 2>&1 \
