@@ -16,7 +16,8 @@ wholly above the diagonal are never visited.
 
 Loads carry masks only where a tile can leave the sequence or the head dim (a head dim that is no power of
 two), so full tiles compile to vector loads and asynchronous copies. On a GPU the first call for a shape times
-a few tile configurations per kernel and keeps the fastest (see ``_pick``); the deterministic path does not.
+a few tile configurations per kernel, and atomic against separate dQ, and keeps the fastest (see ``_pick``);
+the deterministic path does not.
 
 fp32 inputs use IEEE fp32 dots (no TF32). bf16 dots are wrong in Triton's interpreter (it multiplies raw
 bit patterns), so under the interpreter bf16 tiles are upcast to fp32 before every ``tl.dot``, after the same
@@ -236,15 +237,16 @@ def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_
         dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
         if ATOMIC_DQ:
             dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * sm_scale
+            # relaxed: only the sum must be atomic, no ordering against other memory (acq_rel costs fences)
             dq_ptrs = DQ_ACC + bh * T * D + offs_m[:, None] * D + offs_d[None, :]
             if MASKED and PAD_D:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < T) & d_ok[None, :])
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < T) & d_ok[None, :], sem="relaxed")
             elif MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < T)
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < T, sem="relaxed")
             elif PAD_D:
-                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :])
+                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
             else:
-                tl.atomic_add(dq_ptrs, dq)
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -443,6 +445,8 @@ def _attn_forward(q, k, v, causal, scale, deterministic=False):
 
 
 def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
+    """dQ comes either from atomics in the dK/dV kernel or from a kernel of its own (deterministic); when
+    tuning, both ways are timed, the atomic one with each dK/dV tile candidate."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     do = do.contiguous()
@@ -450,27 +454,29 @@ def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=_block_d(D))
     dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=v.device)
+    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     dq_acc = None if deterministic else torch.empty((B, Hq, T, D), dtype=torch.float32, device=q.device)
     common = dict(GROUP=Hq // Hkv, CAUSAL=causal, **_flags(q))
     qk_scale = scale * math.log2(math.e)
 
-    def launch_dkdv(cfg):
+    def run(plan):
+        cfg = plan["dkdv"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta, dq_acc if dq_acc is not None else dk, *_strides(q, k, v),
-            Hkv, T, D, qk_scale, scale, ATOMIC_DQ=not deterministic, **common, **cfg)
+            q, k, v, do, dk, dv, lse, delta, dq_acc if plan["atomic"] else dk, *_strides(q, k, v),
+            Hkv, T, D, qk_scale, scale, ATOMIC_DQ=plan["atomic"], **common, **cfg)
+        if not plan["atomic"]:
+            cfg = plan["dq"]
+            _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
+                q, k, v, do, dq, lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale, scale, **common, **cfg)
 
-    candidates = attention_candidates(D, q.dtype, "dkdv")[:1 if deterministic else None]
-    cfg = _pick(("dkdv", B, Hq, Hkv, T, D, q.dtype, causal), candidates, launch_dkdv)
-    if not deterministic:
+    dkdv = attention_candidates(D, q.dtype, "dkdv")
+    split = dict(atomic=False, dkdv=dkdv[0], dq=attention_candidates(D, q.dtype, "dq")[0])
+    plans = [split] if deterministic else [dict(atomic=True, dkdv=cfg) for cfg in dkdv] + [split]
+    plan = _pick(("bwd", B, Hq, Hkv, T, D, q.dtype, causal), plans, run)
+    if plan["atomic"]:
         dq_acc.zero_()                      # after any timing runs, which accumulated into it too
-        launch_dkdv(cfg)
-        return dq_acc.to(q.dtype), dk, dv
-    launch_dkdv(cfg)
-    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    cfg = attention_candidates(D, q.dtype, "dq")[0]
-    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, do, dq, lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale, scale, **common, **cfg)
-    return dq, dk, dv
+    run(plan)
+    return (dq_acc.to(q.dtype) if plan["atomic"] else dq), dk, dv
 
 
 class FlashAttentionFunction(torch.autograd.Function):
@@ -492,8 +498,9 @@ class FlashAttentionFunction(torch.autograd.Function):
 def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
     """Fused attention: q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D) in q's dtype.
 
-    ``deterministic=True`` computes dQ in its own pass instead of with atomics, so gradients are
-    bit-identical run to run. Falls back to ``attention_reference`` where Triton cannot run.
+    ``deterministic=True`` computes dQ in its own pass, never with atomics, and launches the default tiles
+    only, so gradients are bit-identical run to run; otherwise a GPU takes whichever tiles and dQ path it
+    timed fastest for the shape. Falls back to ``attention_reference`` where Triton cannot run.
     """
     _check(q, k, v)
     if not (q.dtype == k.dtype == v.dtype):

@@ -69,54 +69,63 @@ TILES = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1) for m, n in ((16,
 
 @pytest.fixture
 def tuning(monkeypatch):
-    """Tuning switched on under the interpreter, with three candidates and a timer that runs each candidate
-    once (as do_bench would, many times) and calls the last one fastest. Yields the launches, in order."""
-    timed = []
+    """Tuning switched on under the interpreter with three tile candidates per kernel. The fake timer runs a
+    candidate once (do_bench would run it many times) and calls it fast when its first launch is in
+    ``winners``. Yields (launches, winners): every launch in order as (kernel, BLOCK_M, BLOCK_N, atomic dQ)."""
+    launches, winners = [], set()
 
     def fake_time(fn):
-        before = len(timed)
+        before = len(launches)
         fn()
-        assert len(timed) == before + 1
-        return 10.0 - len(timed)
+        return 1.0 if launches[before] in winners else 5.0
 
     monkeypatch.setattr(attn_mod, "_TUNED", {})
     monkeypatch.setattr(attn_mod, "_tuning", lambda: True)
     monkeypatch.setattr(attn_mod, "_time_ms", fake_time)
     monkeypatch.setattr(attn_mod, "attention_candidates", lambda *a: [dict(c) for c in TILES])
-    real_fwd, real_dkdv = attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel
 
-    def recording(kernel, stage):
+    def recording(name):
+        kernel = getattr(attn_mod, name)
+
         class Recorder:
             def __getitem__(self, grid):
                 def call(*args, **kwargs):
-                    timed.append((stage, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+                    launches.append((name.split("_")[-2], kwargs["BLOCK_M"], kwargs["BLOCK_N"],
+                                     kwargs.get("ATOMIC_DQ")))
                     return kernel[grid](*args, **kwargs)
                 return call
-        return Recorder()
+        monkeypatch.setattr(attn_mod, name, Recorder())
 
-    monkeypatch.setattr(attn_mod, "_attn_fwd_kernel", recording(real_fwd, "fwd"))
-    monkeypatch.setattr(attn_mod, "_attn_bwd_dkdv_kernel", recording(real_dkdv, "dkdv"))
-    yield timed
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        recording(name)
+    yield launches, winners
 
 
-def test_tuning_times_each_candidate_once_and_keeps_the_fastest(tuning):
-    """The winner is launched for real; the atomic dQ, which every timing run also accumulated into, is cleared
-    first, so the gradients still match the reference. A second call with the same shape times nothing."""
-    timed = tuning
+@pytest.mark.parametrize("backward_winner", [("dkdv", 32, 16, True), ("dkdv", 16, 16, False)],
+                         ids=["atomic-dq", "separate-dq"])
+def test_tuning_times_each_candidate_once_and_keeps_the_fastest(tuning, backward_winner):
+    """Forward: three tiles timed. Backward: atomic dQ with each dK/dV tile, then dK/dV + its own dQ kernel
+    with the defaults. The winners run for real and the gradients still match the reference (the atomic dQ,
+    which every timing run accumulated into, is cleared first). The same shape again times nothing."""
+    launches, winners = tuning
+    winners.update({("fwd", 16, 32, None), backward_winner})
     _run((1, 2, 1, 40, 32), torch.float32, 1e-5, 0.0, causal=True)
-    for stage in ("fwd", "dkdv"):       # three timing runs, then the winner (the last, by the fake timer)
-        assert [t for t in timed if t[0] == stage] == [(stage, 16, 16), (stage, 32, 16), (stage, 16, 32),
-                                                       (stage, 16, 32)]
+    timing = [("fwd", 16, 16, None), ("fwd", 32, 16, None), ("fwd", 16, 32, None), ("fwd", 16, 32, None),
+              ("dkdv", 16, 16, True), ("dkdv", 32, 16, True), ("dkdv", 16, 32, True),
+              ("dkdv", 16, 16, False), ("dq", 16, 16, None)]
+    final = [backward_winner] + ([] if backward_winner[3] else [("dq", 16, 16, None)])
+    assert launches == timing + final
     assert len(attn_mod._TUNED) == 2
-    timed.clear()
+    launches.clear()
     _run((1, 2, 1, 40, 32), torch.float32, 1e-5, 0.0, causal=True)
-    assert timed == [("fwd", 16, 32), ("dkdv", 16, 32)]
+    assert launches == [("fwd", 16, 32, None)] + final
 
 
 def test_deterministic_path_launches_only_the_defaults(tuning):
-    timed = tuning
+    launches, _ = tuning
     _run((1, 2, 1, 40, 32), torch.float32, 1e-5, 0.0, causal=False, deterministic=True)
-    assert timed == [("fwd", 16, 16), ("dkdv", 16, 16)] and attn_mod._TUNED == {}
+    assert launches == [("fwd", 16, 16, None), ("dkdv", 16, 16, False), ("dq", 16, 16, None)]
+    assert attn_mod._TUNED == {}
 
 
 def test_a_failing_candidate_is_skipped_but_a_failing_default_is_not(monkeypatch):
