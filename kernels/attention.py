@@ -129,12 +129,13 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, offs_m, offs_n, offs_d
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k, v = _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED, PAD_D)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE)  # (BLOCK_M, BLOCK_N) unscaled scores
         if MASKED:  # rows past T keep their scores: key 0 stays visible to them, so m_i stays finite
-            s = tl.where(_visible(tl.minimum(offs_m, T - 1), cols, T, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(_visible(tl.minimum(offs_m, T - 1), cols, T, CAUSAL), qk, float("-inf"))
+        # the scale (> 0) applied to the row max, and inside one fused multiply-add per score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
