@@ -131,7 +131,9 @@ def _norm_forward(x2, weight, bias, eps, is_rms):
 def _norm_backward(dy2, x2, weight, has_bias, mean, rstd, is_rms):
     M, N = x2.shape
     block, warps = row_kernel_settings(N, x2.element_size())
-    programs = max(1, min(M, 2 * device_sms(x2)))
+    # Enough programs per SM to keep ~16 KB of rows in flight each: a program holds one row of x and one of dy
+    # at a time, so narrow rows need more programs (more fp32 partial rows of dw to sum, a few MB at most).
+    programs = max(1, min(M, device_sms(x2) * max(2, min(8, 8192 // block))))
     rows_per_program = triton.cdiv(M, programs)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     dw = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
