@@ -418,6 +418,11 @@ class DeepSpeedEngine:
 
     _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
+    @property
+    def loss_scale(self) -> float | None:
+        state = self.loss_scale_state()
+        return float(state["cur_scale"]) if state and "cur_scale" in state else None
+
     def loss_scale_state(self) -> dict | None:
         """DeepSpeed's fp16 dynamic loss scaler (the same on every rank: it reduces overflow over dp and mp)."""
         scaler = getattr(self.ds.optimizer, "loss_scaler", None)

@@ -53,8 +53,8 @@ def torch_swiglu(gate, up):
 
 
 def torch_linear_cross_entropy(h, weight, targets):
-    """Mean token loss of the logits h @ weight^T (tp = 1), softmax in fp32."""
-    return F.cross_entropy(F.linear(h, weight).float().flatten(0, -2), targets.flatten())
+    """Mean cross entropy of the logits h @ weight^T, h (N, H), targets (N,): full logits, softmax in fp32."""
+    return F.cross_entropy(F.linear(h, weight).float(), targets)
 
 
 @dataclass
@@ -86,8 +86,7 @@ class Ops:
 
     def linear_cross_entropy(self, h, weight, targets):
         """Mean loss of (B, T, H) hidden states against (B, T) targets through the full head (tp = 1 only)."""
-        return self._linear_cross_entropy(h.flatten(0, -2), weight, targets.flatten()) \
-            if self.impls["cross_entropy"] == "triton" else torch_linear_cross_entropy(h, weight, targets)
+        return self._linear_cross_entropy(h.flatten(0, -2), weight, targets.flatten())
 
 
 def _use_triton(choice: str, device: torch.device, what: str) -> bool:
@@ -109,7 +108,8 @@ def build_ops(attention: str = "auto", norm: str = "auto", device: torch.device 
     choices = dict(attention=attention, norm=norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy)
     impls = {what: "triton" if _use_triton(choice, device, what) else "torch" for what, choice in choices.items()}
     ops = dict(_attention=lambda q, k, v, c: torch_attention(q, k, v, c), _layer_norm=torch_layer_norm,
-               _rms_norm=torch_rms_norm, rope=torch_rope, swiglu=torch_swiglu, _linear_cross_entropy=None)
+               _rms_norm=torch_rms_norm, rope=torch_rope, swiglu=torch_swiglu,
+               _linear_cross_entropy=torch_linear_cross_entropy)
     if impls["attention"] == "triton":
         from megalm.kernels.attention import flash_attention
 

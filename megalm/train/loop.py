@@ -116,10 +116,9 @@ def train(cfg: Config) -> dict:
         lr = lr_at(step, cfg)
         loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1)
         step += 1
-        scale = engine.loss_scale_state()
         log.train_step(step, loss, lr, norm, tokens_per_step / (time.perf_counter() - begin),
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
-                       loss_scale=scale and float(scale.get("scale", scale.get("cur_scale"))))
+                       loss_scale=engine.loss_scale)
         result.update(step=step, loss=loss)
         if t.eval_interval and step % t.eval_interval == 0 and step < last:
             result["val_loss"] = run_eval("valid")

@@ -116,6 +116,11 @@ class NativeEngine:
     def optimizer_step_count(self) -> int:
         return optimizer_step_count(self.optimizer)
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current loss scale; None in other precisions."""
+        return self.scaler.scale if self.scaler else None
+
     def loss_scale_state(self) -> dict | None:
         return self.scaler.state_dict() if self.scaler else None
 
