@@ -57,3 +57,27 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_table_and_plot_render_a_gpu_sweep(tmp_path, capsys):
+    """The GPU run's rendering, fed a small sweep shaped like a GPU's (several providers, a backend that refused
+    a shape): every provider gets a column, the refusal shows as nan, and the plot is written."""
+    rows = []
+    for provider, tflops in (("triton", 300.0), ("sdpa-flash", 280.0), ("sdpa-cudnn", float("nan"))):
+        for mode in ("fwd", "fwd+bwd"):
+            for seq in (1024, 4096):
+                rows.append(dict(kind="attention", provider=provider, mode=mode, causal=True, head_dim=128,
+                                 seq=seq, batch=1, heads=16, dtype="bfloat16", metric="TFLOP/s", value=tflops,
+                                 note="" if tflops == tflops else "RuntimeError: no kernel"))
+    for provider, gbps in (("triton", 2800.0), ("torch", 2000.0), ("liger", 2600.0)):
+        for hidden in (2048, 8192):
+            rows.append(dict(kind="rmsnorm", provider=provider, mode="fwd", hidden=hidden, rows=16384,
+                             dtype="bfloat16", metric="GB/s", value=gbps, note=""))
+    peaks = {"matmul_tflops": 750.0, "matmul_dtype": "bfloat16", "copy_gbps": 3200.0}
+    bench._print(rows, peaks)
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("attention TFLOP/s"))
+    assert all(p in header for p in ("triton", "sdpa-flash", "sdpa-cudnn"))
+    assert "nan" in text and "( 88%)" in text                  # 2800 of 3200 GB/s
+    bench._plot(rows, peaks, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 0
