@@ -33,7 +33,6 @@ from megalm.config import Config, ConfigError
 from megalm.model.transformer import master_init
 from megalm.parallel.parallelize import build_chunks, counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.topology import Topology
-from megalm.train.native import check_precision
 from megalm.train.optim import build_optimizer, optimizer_step_count
 
 PINNED_DEEPSPEED = "0.19.8"     # the version the ZeRO-3 trace-check patch was written for and tested with
@@ -236,6 +235,13 @@ def _pin_zero3_trace_check(deepspeed, dp_group) -> None:
     ppc.assert_ints_same_as_other_ranks = same_in_dp_group
 
 
+def _check_precision(precision: str, device: torch.device) -> None:
+    """DeepSpeed's fp16 optimizers need a GPU (megalm's own engine also runs fp16 on a CPU)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 with DeepSpeed needs a CUDA GPU; on this CPU use "
+                         "train.precision=bf16, or megalm's own engine (parallel.engine=native, zero_stage=0)")
+
+
 # ---- building the model: ZeRO-3 layers partitioned as they are built --------------------------------------
 
 def model_dtype(cfg: Config) -> torch.dtype:
@@ -246,7 +252,7 @@ def build_deepspeed_chunks(cfg: Config, topo: Topology, device: torch.device, in
     """This rank's model chunks for a DeepSpeed run. Under ZeRO-3 the layers are built inside ``zero.Init`` on
     the stage's data-parallel group, so each parameter is partitioned the moment its module exists and is then
     initialised one tensor at a time: no rank ever holds the whole model, not even its tensor-parallel slice."""
-    check_precision(cfg.train.precision, device)
+    _check_precision(cfg.train.precision, device)
     deepspeed = ensure_distributed()
     ds_config = resolve_deepspeed_config(cfg, topo.dp)
     if cfg.parallel.zero_stage != 3:
@@ -299,7 +305,7 @@ class DeepSpeedEngine:
     """NativeEngine's interface on a DeepSpeed engine; see the module docstring for the mapping."""
 
     def __init__(self, cfg: Config, topo: Topology, chunks, device: torch.device):
-        check_precision(cfg.train.precision, device)
+        _check_precision(cfg.train.precision, device)
         deepspeed = self._ds_module = ensure_distributed()
         self.cfg, self.topo, self.chunks, self.device = cfg, topo, chunks, device
         self.ds_config = resolve_deepspeed_config(cfg, topo.dp)

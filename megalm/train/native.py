@@ -26,13 +26,6 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """DeepSpeed's fp16 optimizers need a GPU; megalm's own engine also runs fp16 on a CPU (slowly: for tests)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 with DeepSpeed needs a CUDA GPU; on this CPU use "
-                         "train.precision=bf16, or parallel.zero_stage=0 for megalm's own engine")
-
-
 class NativeEngine:
     def __init__(self, cfg: Config, topo: Topology, chunks, device: torch.device):
         self.cfg, self.topo, self.chunks, self.device = cfg, topo, chunks, device
