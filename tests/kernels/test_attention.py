@@ -237,3 +237,19 @@ def test_gpu_deterministic_backward_long():
         return torch.autograd.grad(flash_attention(*leaves, deterministic=True), leaves, do)
 
     assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_every_tile_candidate_matches_reference(monkeypatch, head_dim):
+    """Each tuning candidate of the forward and of the atomic dK/dV kernel, forced alone, gives the reference's
+    output and gradients on real hardware (tuning only ever picks among these)."""
+    from megalm.kernels import utils
+
+    for stage in ("fwd", "dkdv"):
+        for cfg in utils.attention_candidates(head_dim, torch.bfloat16, stage):
+            def only(d, dtype, s, cfg=cfg, stage=stage):
+                return [cfg] if s == stage else utils.attention_candidates(d, dtype, s)[:1]
+            monkeypatch.setattr(attn_mod, "attention_candidates", only)
+            _run((2, 4, 2, 1000, head_dim), torch.bfloat16, 1.5e-2, 0.0, causal=True)
