@@ -64,3 +64,25 @@ def test_model_calls_every_fused_kernel(monkeypatch):
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     assert calls == {"flash_attention": 1, "rms_norm": 3, "apply_rope": 2, "swiglu": 1, "linear_cross_entropy": 1}
+
+
+def _train(rank, world, overrides):
+    train(load_config(None, overrides))
+
+
+@pytest.mark.slow
+def test_triton_kernels_under_tensor_and_sequence_parallelism(tiny_corpus, tmp_path):
+    """tp = 2 with sequence parallelism, attention, norms, RoPE and SwiGLU on Triton (each rank runs its heads
+    and its slice of the MLP through the kernels), follows the single-process PyTorch run (rel 1e-5)."""
+    from megalm.testing import run_distributed
+
+    llama = {"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position": "rope",
+             "model.num_kv_heads": 2}
+    expected = curve(tiny_corpus, tmp_path / "torch", "torch", llama)
+    kernels = {f"kernels.{op}": "triton" for op in ("attention", "norm", "rope", "swiglu")}
+    run_dir = tmp_path / "tp2"
+    run_distributed(_train, 2, tiny_overrides(tiny_corpus, run_dir, **llama, **kernels, **{
+        "parallel.tp": 2, "parallel.sequence_parallel": "true", "train.steps": 4, "train.device": "cpu"}))
+    got = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert len(got) == len(expected) == 4
+    assert got == pytest.approx(expected, rel=1e-5), (expected, got)
