@@ -83,19 +83,9 @@ def row_kernel_settings(n_cols: int, element_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def attention_blocks(head_dim: int, dtype: torch.dtype, stage: str) -> dict:
-    """The default tile sizes for the attention kernels; ``stage`` is "fwd", "dkdv" or "dq".
-
-    Under the interpreter, small 16x16 tiles make short test sequences span several blocks, exercising the edge
-    masks. On a GPU these are the configurations launched when nothing is tuned, and the first candidate of
-    ``attention_candidates``.
-    """
-    return attention_candidates(head_dim, dtype, stage)[0]
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). bf16/fp16 at head dims up to 128: the default first, then tiles the
-# FlashAttention papers and Triton's fused-attention tutorial use on A100/H100. Every one compiles for sm_80 and
-# sm_90 within their shared memory (python -m megalm.kernels.compile_check --arch 80|90).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). bf16/fp16 at head dims up to 128: the default first, then tiles of
+# the sizes FlashAttention-2 and Triton's fused-attention tutorial search over on A100/H100. Every one compiles
+# for sm_80 and sm_90 within their shared memory (python -m megalm.kernels.compile_check --arch 80|90).
 _CANDIDATES = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
@@ -107,9 +97,11 @@ _CANDIDATES = {
 
 
 def attention_candidates(head_dim: int, dtype: torch.dtype, stage: str) -> list[dict]:
-    """Tile configurations for one attention stage, the default first; more than one only where tuning pays
-    (bf16/fp16 at head dims up to 128, on a GPU). fp32 and head dim 256 keep one configuration that fits the
-    shared memory (their tiles need twice of it); the deterministic dQ kernel keeps one too."""
+    """Tile configurations for one attention stage ("fwd", "dkdv" or "dq"), the default first; more than one
+    only where tuning pays (bf16/fp16 at head dims up to 128, on a GPU). fp32 and head dim 256 keep one
+    configuration that fits the shared memory (their tiles need twice of it); the dQ kernel keeps one too.
+    Under the interpreter, small 16x16 tiles make short test sequences span several blocks, exercising the
+    edge masks."""
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)]
     if head_dim > 128 or dtype == torch.float32:
