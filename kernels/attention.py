@@ -455,29 +455,35 @@ def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=_block_d(D))
     dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=v.device)
-    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    dq_acc = None if deterministic else torch.empty((B, Hq, T, D), dtype=torch.float32, device=q.device)
     common = dict(GROUP=Hq // Hkv, CAUSAL=causal, **_flags(q))
     qk_scale = scale * math.log2(math.e)
+    dq_out = {}     # "acc" (fp32, atomic path) or "dq" (q's dtype, own kernel): allocated only when a path runs
+
+    def dq_buffer(name, dtype):
+        if name not in dq_out:
+            dq_out[name] = torch.empty((B, Hq, T, D), dtype=dtype, device=q.device)
+        return dq_out[name]
 
     def run(plan):
         cfg = plan["dkdv"]
+        acc = dq_buffer("acc", torch.float32) if plan["atomic"] else dk      # dk: unused when not atomic
         _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta, dq_acc if plan["atomic"] else dk, *_strides(q, k, v),
+            q, k, v, do, dk, dv, lse, delta, acc, *_strides(q, k, v),
             Hkv, T, D, qk_scale, scale, ATOMIC_DQ=plan["atomic"], **common, **cfg)
         if not plan["atomic"]:
             cfg = plan["dq"]
             _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
-                q, k, v, do, dq, lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale, scale, **common, **cfg)
+                q, k, v, do, dq_buffer("dq", q.dtype), lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale,
+                scale, **common, **cfg)
 
     dkdv = attention_candidates(D, q.dtype, "dkdv")
     split = dict(atomic=False, dkdv=dkdv[0], dq=attention_candidates(D, q.dtype, "dq")[0])
     plans = [split] if deterministic else [dict(atomic=True, dkdv=cfg) for cfg in dkdv] + [split]
     plan = _pick(("bwd", B, Hq, Hkv, T, D, q.dtype, causal), plans, run)
     if plan["atomic"]:
-        dq_acc.zero_()                      # after any timing runs, which accumulated into it too
+        dq_buffer("acc", torch.float32).zero_()   # after any timing runs, which accumulated into it too
     run(plan)
-    return (dq_acc.to(q.dtype) if plan["atomic"] else dq), dk, dv
+    return (dq_out["acc"].to(q.dtype) if plan["atomic"] else dq_out["dq"]), dk, dv
 
 
 class FlashAttentionFunction(torch.autograd.Function):
