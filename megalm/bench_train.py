@@ -132,7 +132,7 @@ def tp_result(cfg: Config, tp: int, steps: int, warmup: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megalm bench train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--config", default="tiny", help="a YAML file or a preset name")
     ap.add_argument("--vocab-size", type=int, default=8192, help="used when the config leaves it unset")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)

@@ -37,7 +37,7 @@ def _train(argv) -> int:
     from megalm.train.loop import train
 
     ap = argparse.ArgumentParser(prog="megalm train", description="Train a model from a YAML config.")
-    ap.add_argument("--config", help="YAML config file (configs/tiny.yaml, ...)")
+    ap.add_argument("--config", help="YAML config file, or a preset name (tiny, gpt2-124m, llama-7b, ...)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tp=2 train.steps=100")
     args = ap.parse_args(argv)
     train(load_config(args.config, args.overrides))

@@ -443,14 +443,38 @@ def _validate_batch(cfg: Config, world_size: Optional[int]) -> None:
             f"{microbatches}: raise train.global_batch_size")
 
 
+def resolve_config_file(path: str) -> Path:
+    """A YAML path, or the name of a preset shipped with megalm (``tiny``, ``llama-7b``, ``deepspeed/zero3.json``).
+
+    A file that exists wins; otherwise the packaged presets (the repository's ``configs/``) are searched, so an
+    installed wheel still finds them.
+    """
+    file = Path(path)
+    if file.exists():
+        return file
+    presets = preset_folder()
+    for candidate in (presets / path, presets / f"{path}.yaml", presets / Path(path).name):
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in presets.glob("*.yaml"))
+    raise ConfigError(f"config file {path} does not exist, and it is not a preset name ({', '.join(names)})")
+
+
+def preset_folder() -> Path:
+    """The folder of the packaged presets (``configs/`` in the repository, ``megalm/presets`` in a wheel)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("megalm.presets")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "configs"     # an editable install older than megalm.presets
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML file (or the defaults) and apply ``section.key=value`` overrides in order."""
     data = {}
     if path:
-        file = Path(path)
-        if not file.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(resolve_config_file(path).read_text()) or {}
     cfg = Config.from_dict(data)
     for item in overrides or []:
         if "=" not in item:

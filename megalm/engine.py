@@ -108,14 +108,32 @@ def _check_batch(cfg: Config, dp: int, user: dict, source: str) -> None:
             f"the batch keys from the JSON and let megalm fill them")
 
 
+def _deepspeed_json(name: str) -> Path:
+    """A DeepSpeed JSON path, or a packaged one by name (``zero3`` or ``deepspeed/zero3.json``)."""
+    from megalm.config import resolve_config_file
+
+    try:
+        return resolve_config_file(name)
+    except ConfigError:
+        try:
+            return resolve_config_file(f"deepspeed/{Path(name).stem}.json")
+        except ConfigError:
+            raise ConfigError(f"parallel.deepspeed_config={name} does not exist; give a path or one of "
+                              f"{', '.join(_packaged_deepspeed_names())}") from None
+
+
+def _packaged_deepspeed_names() -> list[str]:
+    from megalm.config import preset_folder
+
+    return sorted(p.stem for p in (preset_folder() / "deepspeed").glob("*.json"))
+
+
 def resolve_deepspeed_config(cfg: Config, dp: int) -> dict:
     """The DeepSpeed config dict for this run; a user JSON (parallel.deepspeed_config) wins where it speaks,
     megalm's batch, precision, ZeRO and clipping settings fill what it leaves out. Updates cfg to match."""
     user, source = {}, "megalm's settings"
     if cfg.parallel.deepspeed_config:
-        path = Path(cfg.parallel.deepspeed_config)
-        if not path.exists():
-            raise ConfigError(f"parallel.deepspeed_config={path} does not exist (see configs/deepspeed/)")
+        path = _deepspeed_json(cfg.parallel.deepspeed_config)
         user, source = json.loads(path.read_text()), f"DeepSpeed config {path}"
         _adopt_user_json(cfg, user, source)
     _check_batch(cfg, dp, user, source)

@@ -27,9 +27,10 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="megalm eval", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
-    ap.add_argument("--data", help="dataset prefix (default: the one the model was trained on)")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--data", help="dataset prefix (default: the one the model was trained on)")
     ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ap.add_argument("--text", help="a UTF-8 text file to score instead of a dataset")
+    source.add_argument("--text", help="a UTF-8 text file to score instead of a dataset")
     ap.add_argument("--samples", type=int, default=256, help="most samples to score")
     ap.add_argument("overrides", nargs="*", help="layout overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)

@@ -68,6 +68,20 @@ def checkpoints_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -105,10 +119,12 @@ def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = No
     """Finish a checkpoint written aside in ``tmp``: manifest, rename into place, COMMITTED, then (when given)
     the ``latest`` pointer of ``latest_root``. Each step is atomic, so a crash leaves either the previous state
     or a folder that is not loaded (no COMMITTED)."""
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    fsync_path(tmp)               # the shards' and the manifest's directory entries
     if final.exists():            # only an uncommitted leftover of the same step (callers refuse the rest)
         shutil.rmtree(final)
     tmp.rename(final)
+    fsync_path(final.parent)      # the rename itself survives a power loss
     write_text_atomic(final / COMMITTED, f"{time.time():.0f}\n")
     if latest_root is not None:
         write_text_atomic(latest_root / LATEST, final.name + "\n")

@@ -22,6 +22,7 @@ from megalm.checkpoint.format import (
     add_written,
     checkpoints_root,
     commit,
+    fsync_path,
     piece_entry,
     sha256_file,
     step_dir_name,
@@ -52,6 +53,7 @@ def write_pieces(folder: Path, rank: int, owned) -> dict:
                          "piece": piece_entry(spec, local, file_name, name)}
     if tensors:
         save_file(tensors, str(folder / file_name))
+        fsync_path(folder / file_name)             # on disk before the commit renames the folder
     return {"file": file_name if tensors else None, "entries": entries,
             "sha256": sha256_file(folder / file_name) if tensors else None}
 

@@ -120,7 +120,7 @@ def train(cfg: Config) -> dict:
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
                        loss_scale=engine.loss_scale)
         result.update(step=step, loss=loss)
-        if t.eval_interval and step % t.eval_interval == 0 and step < last:
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
             result["val_loss"] = run_eval("valid")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < last:
             save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))

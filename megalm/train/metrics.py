@@ -25,7 +25,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed: jsonl and the plot still carry everything
+            except ImportError:  # tensorboard not installed: jsonl and the plot still carry everything
                 self.writer = None
 
     def log(self, record: dict) -> None:

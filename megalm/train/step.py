@@ -49,10 +49,23 @@ def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: fl
     local = float(sum(loss.double() for loss in losses)) if losses else 0.0
     loss = global_mean(local, topo, p2p.device)
     if not math.isfinite(loss):
-        where = (f"pipeline stage {topo.pp_rank}" if losses else "the last pipeline stage")
-        raise NonFiniteLoss(f"non-finite loss {loss} at step {step} (computed on {where}); stopping before the "
-                            f"optimizer step, so the last checkpoint is intact. Lower optimizer.lr or use fp32")
+        raise NonFiniteLoss(_non_finite_message(loss, step, losses, topo, engine.cfg.train.precision))
     return loss, engine.step(lr)
+
+
+def _non_finite_message(loss: float, step: int, losses, topo: Topology, precision: str) -> str:
+    """Where the loss went bad: this rank's non-finite micro-batches, or the ranks that hold the loss."""
+    bad = [i for i, value in enumerate(losses) if not math.isfinite(float(value))]
+    if bad:
+        where = f"micro-batch(es) {bad} of data-parallel rank {topo.dp_rank} on pipeline stage {topo.pp_rank}"
+    elif losses:
+        where = (f"another data-parallel rank (this rank's {len(losses)} micro-batches, data-parallel rank "
+                 f"{topo.dp_rank}, are finite)")
+    else:
+        where = "the last pipeline stage"
+    advice = "lower optimizer.lr or raise lr.warmup_steps" + ("" if precision == "fp32" else ", or train in fp32")
+    return (f"non-finite loss {loss} at step {step} (computed on {where}); stopping before the optimizer step, so "
+            f"the last checkpoint is intact. To continue: {advice}")
 
 
 @torch.no_grad()

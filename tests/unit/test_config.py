@@ -11,24 +11,24 @@ def check(overrides, world=None):
 
 
 @pytest.mark.parametrize("overrides,world,needles", [
-    (["model.num_heads=6", "model.hidden_size=96", "parallel.tp=4"], 4, ["num_heads=6", "parallel.tp=4"]),
+    (["model.num_heads=6", "model.hidden_size=96", "parallel.tp=4"], 4, ["num_heads=6", "parallel.tp=4", "use a tp that divides 6"]),
     (["model.num_kv_heads=3", "model.num_heads=6", "model.hidden_size=96", "parallel.tp=2"], 2,
-     ["num_kv_heads=3", "tp=2"]),
-    (["model.num_layers=6", "parallel.pp=4"], 4, ["num_layers=6", "4 x 1 = 4"]),
-    (["model.num_layers=8", "parallel.pp=2", "parallel.virtual_stages=3"], 2, ["2 x 3 = 6"]),
-    (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, ["global_batch_size=10", "4 x 1 = 4"]),
-    (["train.global_batch_size=16", "train.micro_batch_size=4"], 3, ["4 x 3 = 12"]),
+     ["num_kv_heads=3", "tp=2", "use a tp that divides it"]),
+    (["model.num_layers=6", "parallel.pp=4"], 4, ["num_layers=6", "4 x 1 = 4", "give parallel.pipeline_layers"]),
+    (["model.num_layers=8", "parallel.pp=2", "parallel.virtual_stages=3"], 2, ["2 x 3 = 6", "change one of them"]),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, ["global_batch_size=10", "4 x 1 = 4", "multiple of 4"]),
+    (["train.global_batch_size=16", "train.micro_batch_size=4"], 3, ["4 x 3 = 12", "multiple of 12"]),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127", "model.max_seq_len=128"], 2,
-     ["seq_len=127", "tp=2"]),
-    (["parallel.tp=2"], 3, ["world size 3", "tp x pp"]),
-    (["parallel.tp=2", "parallel.dp=2"], 2, ["world size 2", "parallel.dp=1"]),
-    (["model.vocab_size=1001", "parallel.tp=2"], 2, ["vocab_size=1001", "multiple of 2"]),
+     ["seq_len=127", "tp=2", "sequence length divisible by 2"]),
+    (["parallel.tp=2"], 3, ["world size 3", "tp x pp", "launch a multiple of 2 processes"]),
+    (["parallel.tp=2", "parallel.dp=2"], 2, ["world size 2", "launch 4 processes or set parallel.dp=1"]),
+    (["model.vocab_size=1001", "parallel.tp=2"], 2, ["vocab_size=1001", "pad it to a multiple of 2"]),
     (["parallel.pp=2", "parallel.virtual_stages=2", "model.num_layers=4", "train.global_batch_size=24",
-      "train.micro_batch_size=8"], 2, ["multiple of parallel.pp=2", "3"]),
-    (["parallel.zero_offload=true", "parallel.zero_stage=1"], 1, ["zero_offload", "2 or 3"]),
-    (["data.seq_len=512"], 1, ["data.seq_len=512", "max_seq_len"]),
-    (["kernels.cross_entropy=triton", "parallel.tp=2"], 2, ["kernels.cross_entropy=triton", "parallel.tp=1 (got 2)"]),
-    (["train.initial_loss_scale=3000"], 1, ["train.initial_loss_scale=3000.0", "power of two"]),
+      "train.micro_batch_size=8"], 2, ["multiple of parallel.pp=2", "= 3", "raise train.global_batch_size"]),
+    (["parallel.zero_offload=true", "parallel.zero_stage=1"], 1, ["zero_offload", "2 or 3", "(got 1)"]),
+    (["data.seq_len=512"], 1, ["data.seq_len=512", "lower data.seq_len or raise model.max_seq_len"]),
+    (["kernels.cross_entropy=triton", "parallel.tp=2"], 2, ["kernels.cross_entropy=triton", "parallel.tp=1 (got 2)", "Use kernels.cross_entropy=auto or torch"]),
+    (["train.initial_loss_scale=3000"], 1, ["train.initial_loss_scale=3000.0", "power of two", "e.g. 65536"]),
 ])
 def test_invalid_layouts_name_numbers(overrides, world, needles):
     with pytest.raises(ConfigError) as err:
@@ -51,6 +51,19 @@ def test_types_are_checked():
         load_config(None, ["parallel.sequence_parallel=maybe"])
     with pytest.raises(ConfigError, match="not one of"):
         check(["model.norm=batchnorm"])
+
+
+def test_presets_resolve_by_name_and_unknown_names_list_them():
+    from megalm.config import resolve_config_file
+    from megalm.engine import _deepspeed_json
+
+    assert resolve_config_file("llama-7b").name == "llama-7b.yaml"
+    assert load_config("tiny").model.hidden_size == load_config("configs/tiny.yaml").model.hidden_size
+    assert _deepspeed_json("zero3").name == "zero3.json"
+    with pytest.raises(ConfigError, match=r"not a preset name \(gpt2-124m, .*tiny\)"):
+        load_config("tiny-typo")
+    with pytest.raises(ConfigError, match="one of zero1, zero2, zero3, zero3_offload"):
+        _deepspeed_json("zero9")
 
 
 def test_overrides_apply_in_order_and_parse_types():

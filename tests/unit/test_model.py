@@ -105,3 +105,26 @@ def test_loss_is_mean_token_cross_entropy():
     logits = model(tokens[:, :-1])
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, GPT2.vocab_size), tokens[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, ref)
+
+
+def test_adamw_decays_matrices_only_and_the_schedule_warms_up_then_decays():
+    from megalm.config import load_config
+    from megalm.train.optim import build_optimizer, lr_at
+
+    model = single(GPT2)
+    cfg = load_config(None, ["optimizer.lr=1e-3", "optimizer.min_lr=1e-4", "optimizer.weight_decay=0.1",
+                             "lr.warmup_steps=4", "train.steps=14"])
+    decay, no_decay = build_optimizer(cfg, model.named_parameters()).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.dim() < 2}
+    assert any(".bias" in names[id(p)] for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+    assert all(p.dim() == 2 for p in decay["params"])
+    lrs = [lr_at(step, cfg) for step in range(14)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])            # linear warmup to the peak
+    assert lrs[9] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + __import__("math").cos(__import__("math").pi / 2)))
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 1e-4   # cosine down toward min_lr
+    linear = load_config(None, ["optimizer.lr=1e-3", "optimizer.min_lr=0", "lr.warmup_steps=0",
+                                "train.steps=10", "lr.decay=linear"])
+    assert [lr_at(s, linear) for s in (0, 5)] == pytest.approx([1e-3, 5e-4])

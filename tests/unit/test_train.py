@@ -29,13 +29,56 @@ def test_loss_falls(tiny_corpus, tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
 
 
-def test_resume_equals_uninterrupted_run(tiny_corpus, tmp_path):
+def test_resume_equals_uninterrupted_run(tiny_corpus, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(tiny_corpus, straight, **{"train.steps": 8})
-    run(tiny_corpus, resumed, **{"train.steps": 8, "train.stop_at_step": 5})
-    run(tiny_corpus, resumed, **{"train.steps": 8})
-    a, b = losses(straight), losses(resumed)
-    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]   # the same floats
+    extra = {"train.steps": 8, "train.eval_interval": 5}
+    run(tiny_corpus, straight, **extra)
+    run(tiny_corpus, resumed, **extra, **{"train.stop_at_step": 5})
+    assert latest_checkpoint(resumed).name == "step_0000005"
+    capsys.readouterr()
+    run(tiny_corpus, resumed, **extra)
+    assert "resuming from" in capsys.readouterr().out
+    a, b = read_metrics(straight), read_metrics(resumed)
+    steps = [r["step"] for r in b if "loss" in r]
+    assert steps == list(range(1, 9)), steps      # steps 1-5, then 6-8: nothing was trained twice
+    assert [r["loss"] for r in a if "loss" in r] == [r["loss"] for r in b if "loss" in r]   # the same floats
+    # the evaluation due at the stop step ran before stopping, exactly as in the uninterrupted run
+    assert [(r["step"], r["val_loss"]) for r in a if "val_loss" in r] == \
+        [(r["step"], r["val_loss"]) for r in b if "val_loss" in r]
+    assert [r["step"] for r in b if "val_loss" in r] == [5, 8]
+
+
+def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    import megalm.train.step as step_module
+
+    real, calls = step_module._callbacks, []
+
+    def planted(engine, p2p, micro_batches):      # micro-batch 1 of step 3 (2 micro-batches per step) is NaN
+        forward, backward = real(engine, p2p, micro_batches)
+
+        def forward_with_nan(chunk, i, x):
+            out = forward(chunk, i, x)
+            calls.append(i)
+            return out * float("nan") if len(calls) == 6 else out
+        return forward_with_nan, backward
+
+    monkeypatch.setattr(step_module, "_callbacks", planted)
+    with pytest.raises(step_module.NonFiniteLoss) as err:
+        run(tiny_corpus, tmp_path, **{"train.steps": 4, "checkpoint.interval": 2})
+    message = str(err.value)
+    assert "at step 3" in message and "micro-batch(es) [1]" in message and "before the optimizer step" in message
+    assert "train in fp32" not in message                         # the run already is fp32
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2]
+    from megalm.checkpoint.load import CheckpointReader
+
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+    CheckpointReader(latest_checkpoint(tmp_path))                 # intact
+
+
+def test_loss_curve_plot_is_written(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, **{"train.steps": 3, "logging.plot": "true"})
+    png = tmp_path / "loss_curve.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_damaged_checkpoint_is_refused_and_previous_loads(tiny_corpus, tmp_path):
@@ -81,6 +124,19 @@ def test_eval_and_generate_cli(tiny_corpus, tmp_path):
     assert texts[0] == texts[1] and texts[0].startswith("def ")
     other = subprocess.run(gen[0][:-1] + ["4"], capture_output=True, text=True, check=True).stdout
     assert other.startswith("def ")
+
+
+def test_eval_scores_a_dataset_or_a_text_file_but_not_both(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, **{"train.steps": 2})
+    cmd = [sys.executable, "-m", "megalm", "eval", "--checkpoint", str(tmp_path), "--samples", "4"]
+    on_data = subprocess.run(cmd + ["--data", tiny_corpus, "--split", "valid"], capture_output=True, text=True,
+                             check=True).stdout
+    text = tmp_path / "sample.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    on_text = subprocess.run(cmd + ["--text", str(text)], capture_output=True, text=True, check=True).stdout
+    assert "perplexity" in on_data and "perplexity" in on_text
+    both = subprocess.run(cmd + ["--data", tiny_corpus, "--text", str(text)], capture_output=True, text=True)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 def test_cli_reports_bad_config_without_traceback(tiny_corpus, tmp_path):
