@@ -11,12 +11,14 @@ def check(overrides, world=None):
 
 
 @pytest.mark.parametrize("overrides,world,needles", [
-    (["model.num_heads=6", "model.hidden_size=96", "parallel.tp=4"], 4, ["num_heads=6", "parallel.tp=4", "use a tp that divides 6"]),
+    (["model.num_heads=6", "model.hidden_size=96", "parallel.tp=4"], 4,
+     ["num_heads=6", "parallel.tp=4", "use a tp that divides 6"]),
     (["model.num_kv_heads=3", "model.num_heads=6", "model.hidden_size=96", "parallel.tp=2"], 2,
      ["num_kv_heads=3", "tp=2", "use a tp that divides it"]),
     (["model.num_layers=6", "parallel.pp=4"], 4, ["num_layers=6", "4 x 1 = 4", "give parallel.pipeline_layers"]),
     (["model.num_layers=8", "parallel.pp=2", "parallel.virtual_stages=3"], 2, ["2 x 3 = 6", "change one of them"]),
-    (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, ["global_batch_size=10", "4 x 1 = 4", "multiple of 4"]),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], 1,
+     ["global_batch_size=10", "4 x 1 = 4", "multiple of 4"]),
     (["train.global_batch_size=16", "train.micro_batch_size=4"], 3, ["4 x 3 = 12", "multiple of 12"]),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127", "model.max_seq_len=128"], 2,
      ["seq_len=127", "tp=2", "sequence length divisible by 2"]),
@@ -27,7 +29,8 @@ def check(overrides, world=None):
       "train.micro_batch_size=8"], 2, ["multiple of parallel.pp=2", "= 3", "raise train.global_batch_size"]),
     (["parallel.zero_offload=true", "parallel.zero_stage=1"], 1, ["zero_offload", "2 or 3", "(got 1)"]),
     (["data.seq_len=512"], 1, ["data.seq_len=512", "lower data.seq_len or raise model.max_seq_len"]),
-    (["kernels.cross_entropy=triton", "parallel.tp=2"], 2, ["kernels.cross_entropy=triton", "parallel.tp=1 (got 2)", "Use kernels.cross_entropy=auto or torch"]),
+    (["kernels.cross_entropy=triton", "parallel.tp=2"], 2,
+     ["kernels.cross_entropy=triton", "parallel.tp=1 (got 2)", "Use kernels.cross_entropy=auto or torch"]),
     (["train.initial_loss_scale=3000"], 1, ["train.initial_loss_scale=3000.0", "power of two", "e.g. 65536"]),
 ])
 def test_invalid_layouts_name_numbers(overrides, world, needles):
