@@ -84,8 +84,8 @@ class ParallelConfig:
     """Data-parallel replicas. None: world size / (tp x pp)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
-    schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b or interleaved (chosen automatically when virtual_stages > 1)."""
+    schedule: str = "auto"
+    """Pipeline schedule: gpipe, 1f1b or interleaved; auto: interleaved when virtual_stages > 1, else 1f1b."""
     pipeline_layers: Optional[list] = None
     """Explicit layer counts per (virtual) stage in pipeline order; None: even split."""
     sequence_parallel: bool = False
@@ -224,7 +224,7 @@ CHOICES = {
     ("model", "norm"): ("layernorm", "rmsnorm"),
     ("model", "activation"): ("gelu", "swiglu"),
     ("model", "position"): ("learned", "rope"),
-    ("parallel", "schedule"): ("gpipe", "1f1b", "interleaved"),
+    ("parallel", "schedule"): ("auto", "gpipe", "1f1b", "interleaved"),
     ("parallel", "engine"): ("auto", "native", "deepspeed"),
     ("parallel", "activation_checkpointing"): ("none", "full", "selective"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
@@ -289,7 +289,9 @@ class Config:
 
     @property
     def schedule(self) -> str:
-        return "interleaved" if self.parallel.virtual_stages > 1 else self.parallel.schedule
+        if self.parallel.schedule == "auto":
+            return "interleaved" if self.parallel.virtual_stages > 1 else "1f1b"
+        return self.parallel.schedule
 
     def grad_accumulation_steps(self, dp: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
@@ -406,15 +408,40 @@ def _validate_pipeline(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
     chunks = p.pp * p.virtual_stages
     if p.pipeline_layers is not None:
-        if len(p.pipeline_layers) != chunks or sum(p.pipeline_layers) != m.num_layers:
-            raise ConfigError(f"parallel.pipeline_layers={p.pipeline_layers} must list {chunks} counts "
-                              f"(pp x virtual_stages) that sum to model.num_layers={m.num_layers}")
+        counts = p.pipeline_layers
+        if not isinstance(counts, list) or not all(type(c) is int and c >= 0 for c in counts):
+            raise ConfigError(f"parallel.pipeline_layers={counts} must be a list of non-negative whole layer "
+                              f"counts, one per (virtual) stage in pipeline order, e.g. [1, 3]")
+        if len(counts) != chunks or sum(counts) != m.num_layers:
+            raise ConfigError(f"parallel.pipeline_layers={counts} must list {chunks} counts "
+                              f"(pp x virtual_stages = {p.pp} x {p.virtual_stages}) that sum to "
+                              f"model.num_layers={m.num_layers} (they sum to {sum(counts)})")
     elif m.num_layers % chunks:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp x "
                           f"parallel.virtual_stages = {p.pp} x {p.virtual_stages} = {chunks}; "
                           f"change one of them or give parallel.pipeline_layers explicitly")
     if p.virtual_stages > 1 and p.pp == 1:
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pp > 1")
+    if p.schedule in ("gpipe", "1f1b") and p.virtual_stages > 1:
+        raise ConfigError(f"parallel.schedule={p.schedule} runs one model chunk per rank but "
+                          f"parallel.virtual_stages={p.virtual_stages}; set parallel.schedule=interleaved (or auto) "
+                          f"or parallel.virtual_stages=1")
+    if p.schedule == "interleaved" and p.virtual_stages == 1:
+        raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2 model chunks per rank; "
+                          "set parallel.virtual_stages=2 (or use parallel.schedule=1f1b)")
+    if p.virtual_stages > 1 and p.pp == 2 and _will_use_cuda(cfg):
+        raise ConfigError("interleaved pipelining with parallel.pp=2 is not supported on NCCL yet (both "
+                          "directions' messages travel between the same two ranks, and NCCL matches them by "
+                          "order, not tag); use parallel.pp >= 3, or parallel.virtual_stages=1")
+
+
+def _will_use_cuda(cfg: Config) -> bool:
+    """Whether this run will train on CUDA with NCCL (train.device, or auto with a visible GPU)."""
+    if cfg.train.device != "auto":
+        return cfg.train.device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _validate_batch(cfg: Config, world_size: Optional[int]) -> None:

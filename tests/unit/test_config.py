@@ -31,6 +31,13 @@ def check(overrides, world=None):
     (["data.seq_len=512"], 1, ["data.seq_len=512", "lower data.seq_len or raise model.max_seq_len"]),
     (["kernels.cross_entropy=triton", "parallel.tp=2"], 2,
      ["kernels.cross_entropy=triton", "parallel.tp=1 (got 2)", "Use kernels.cross_entropy=auto or torch"]),
+    (["parallel.pp=2", "parallel.pipeline_layers=[5,-1]"], 2, ["pipeline_layers=[5, -1]", "non-negative whole"]),
+    (["parallel.pp=2", "parallel.pipeline_layers=[1.5,2.5]"], 2, ["[1.5, 2.5]", "non-negative whole"]),
+    (["parallel.pp=2", "parallel.pipeline_layers=[1,2]"], 2, ["must list 2 counts", "(they sum to 3)"]),
+    (["parallel.pp=2", "parallel.schedule=gpipe", "parallel.virtual_stages=2"], 2,
+     ["parallel.schedule=gpipe", "virtual_stages=2", "set parallel.schedule=interleaved"]),
+    (["parallel.pp=2", "parallel.schedule=interleaved"], 2, ["needs parallel.virtual_stages >= 2"]),
+    (["parallel.pp=2", "parallel.virtual_stages=2", "train.device=cuda"], 2, ["not supported on NCCL", "pp >= 3"]),
     (["train.initial_loss_scale=3000"], 1, ["train.initial_loss_scale=3000.0", "power of two", "e.g. 65536"]),
 ])
 def test_invalid_layouts_name_numbers(overrides, world, needles):
@@ -38,6 +45,14 @@ def test_invalid_layouts_name_numbers(overrides, world, needles):
         check(overrides, world)
     for needle in needles:
         assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_schedule_auto_follows_virtual_stages_and_explicit_lists_are_kept():
+    assert load_config(None, ["parallel.pp=2"]).schedule == "1f1b"
+    assert load_config(None, ["parallel.pp=2", "parallel.virtual_stages=2"]).schedule == "interleaved"
+    assert load_config(None, ["parallel.pp=2", "parallel.schedule=gpipe"]).schedule == "gpipe"
+    cfg = check(["parallel.pp=2", "model.num_layers=4", "parallel.pipeline_layers=[1,3]"], 2)
+    assert cfg.parallel.pipeline_layers == [1, 3]
 
 
 def test_unknown_key_suggests_nearest():
