@@ -85,6 +85,7 @@ def train(cfg: Config) -> dict:
     else:
         chunks = build_chunks(cfg, topo, rt.device, init=reader is None)
     engine = make_engine(cfg, rt, chunks)
+    comm = count_tensor_parallel_traffic(chunks)
     weights_only = from_load and cfg.checkpoint.load_weights_only
     step, consumed = restore(engine, reader, weights_only) if reader else (0, 0)
     first_step = step
@@ -114,11 +115,13 @@ def train(cfg: Config) -> dict:
         begin = time.perf_counter()
         micro = [b.to(rt.device) for b in sampler.next_batch()]
         lr = lr_at(step, cfg)
+        if comm is not None:
+            comm.reset()
         loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1)
         step += 1
         log.train_step(step, loss, lr, norm, tokens_per_step / (time.perf_counter() - begin),
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
-                       loss_scale=engine.loss_scale)
+                       loss_scale=engine.loss_scale, comm=comm)
         result.update(step=step, loss=loss)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
             result["val_loss"] = run_eval("valid")
@@ -138,6 +141,19 @@ def train(cfg: Config) -> dict:
     log.close()
     finish(rt)
     return result
+
+
+def count_tensor_parallel_traffic(chunks):
+    """At tp > 1, one CommStats shared by every chunk's tensor-parallel handle (None at tp = 1): each step's
+    elements sent go into metrics.jsonl beside the loss."""
+    if chunks[0].tp.size == 1:
+        return None
+    from megalm.parallel.tensor import CommStats
+
+    stats = CommStats()
+    for chunk in chunks:
+        chunk.tp.comm = stats
+    return stats
 
 
 def _announce(cfg: Config, rt: Runtime, chunks, step: int, source) -> None:

@@ -38,8 +38,13 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record.get("step", 0))
 
     def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                   print_line: bool, loss_scale: float | None = None) -> None:
+                   print_line: bool, loss_scale: float | None = None, comm=None) -> None:
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        if comm is not None:          # this rank's tensor-parallel traffic this step (ring model, elements)
+            from megalm.parallel.tensor import TP_KINDS
+
+            record["tp_comm_elements"] = float(comm.total())
+            record["tp_layer_comm_elements"] = float(comm.total(*TP_KINDS))
         fp16 = ""
         if loss_scale is not None:      # fp16: the scale after this step; an inf norm means a skipped update
             record["loss_scale"] = loss_scale
