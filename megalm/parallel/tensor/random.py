@@ -46,7 +46,9 @@ def tp_rng(seed: int, tp: TensorParallel, device: torch.device | str | None = No
     available, else the CPU) seeded per TP rank; restore the outer state on exit.
 
     Every TP rank draws one number from the shared CPU stream on entry, so the shared stream stays identical
-    across TP ranks and successive ``tp_rng`` blocks get different seeds.
+    across TP ranks and successive ``tp_rng`` blocks get different seeds. That draw already carries the run's
+    seed and step (the loop seeds the shared stream with both), so ``seed`` is only an extra offset: the model
+    passes 0.
     """
     draw = int(torch.randint(_MAX_DRAW, (), dtype=torch.long))     # shared CPU stream: same on all TP ranks
     # _STRIDE exceeds any TP size, so distinct (draw, rank) pairs give distinct seeds.
