@@ -75,6 +75,20 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_cor
     CheckpointReader(latest_checkpoint(tmp_path))                 # intact
 
 
+def test_tensorboard_events_carry_the_logged_scalars(tiny_corpus, tmp_path):
+    pytest.importorskip("tensorboard", reason="needs tensorboard (pip install megalm[test])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_corpus, tmp_path, **{"train.steps": 3, "logging.tensorboard": "true"})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses_logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    expected = [(r["step"], r["loss"]) for r in read_metrics(tmp_path) if "loss" in r]
+    assert [s for s, _ in losses_logged] == [1, 2, 3]
+    assert [v for _, v in losses_logged] == pytest.approx([v for _, v in expected], rel=1e-6)   # stored as fp32
+    assert {"lr", "grad_norm", "val_loss", "test_ppl"} <= set(events.Tags()["scalars"])
+
+
 def test_loss_curve_plot_is_written(tiny_corpus, tmp_path):
     run(tiny_corpus, tmp_path, **{"train.steps": 3, "logging.plot": "true"})
     png = tmp_path / "loss_curve.png"
