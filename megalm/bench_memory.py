@@ -1,17 +1,36 @@
 """``megalm bench memory``: per-rank bytes of parameters, gradients and optimizer states under ZeRO 0-3, measured
-on 2 gloo processes and printed beside the ZeRO paper's formulas (Rajbhandari et al. 2020, section 5.1).
+on N gloo processes and printed beside the ZeRO paper's formulas (Rajbhandari et al. 2020, section 5.1).
 
 Formulas for Ψ parameters on N data-parallel ranks with mixed-precision Adam (anchors.md, K = 12):
 stage 0: 2Ψ + 2Ψ + KΨ; stage 1: 2Ψ + 2Ψ + KΨ/N; stage 2: 2Ψ + 2Ψ/N + KΨ/N; stage 3: (2 + 2 + K)Ψ/N.
 The same with the widths of the run: working weights and gradients of ``w`` bytes (4 fp32, 2 bf16), Adam's
 moments 8 bytes and an fp32 master copy of 4 bytes where DeepSpeed keeps one (always, except ZeRO-0 in fp32,
-where the torch optimizer updates the model's own fp32 weights). Measured after one step; gradients after
-each of the step's two backward passes, the larger kept (their peak). Fragment padding and bf16-ZeRO-0's fp32 gradient
-accumulation buffer show up as differences, which is the point of measuring.
+where the torch optimizer updates the model's own fp32 weights).
+
+Measured in the second optimizer step (Adam's moments exist from the first), after each backward pass, at the
+pass where the four model states add up to most (ZeRO-0/1 hold whole gradients until the accumulation
+boundary): the bytes (numel x element size) of the tensors that hold each state, found where DeepSpeed keeps
+them (``_model_states``). Two things beside them:
+- buffers: DeepSpeed's gradient-reduction buckets (``ipg_buckets``), the ZeRO paper's constant-size buffers:
+  ``reduce_bucket_size`` elements of the gradient width whatever the model's size;
+- an independent cross-check: every tensor storage alive in the process (found through the garbage collector,
+  each storage once), less those alive before the model was built. "other" = that total minus the states and
+  buffers above: whatever the named places miss (padding of flat buffers, step counters, the batch). A state
+  that ``_model_states`` looked for in the wrong place shows up there.
+
+What it shows with deepspeed 0.19.8 (2 ranks, the model below): every state of ZeRO-0, 1 and 3, fp32 and bf16,
+equals the formula to the byte on both ranks, and "other" is 12-144 bytes. ZeRO-2's gradients exceed wΨ/N by
+the other rank's share of the one parameter that straddles the two partitions, whose gradient each rank holds
+whole during accumulation: +1,024 elements on rank 0, +15,360 on rank 1. Buckets seen after the backward
+passes: ZeRO-1 holds one during the accumulation passes (freed at the boundary), ZeRO-3 after every pass,
+ZeRO-0 and ZeRO-2 none. With megalm's default DeepSpeed settings (DeepSpeed's reduce_bucket_size, 5e8) ZeRO-1's
+is 2 GB in fp32 (1 GB in bf16) per rank, whatever the model; the packaged zero3.json's 5e7 gives 200 MB
+(100 MB). ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer) holds no fp32 gradient buffer between steps.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 from pathlib import Path
@@ -20,61 +39,119 @@ import torch
 
 MODEL = {"model.vocab_size": 512, "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
          "model.ffn_hidden_size": 256, "model.max_seq_len": 32, "data.seq_len": 32, "data.prefix": "null",
-         "train.micro_batch_size": 2, "train.global_batch_size": 8}   # 2 micro-batches per rank
+         "train.micro_batch_size": 2, "train.global_batch_size": 8}   # 2 micro-batches per rank on 2 ranks
+STATES = ("params", "grads", "master", "moments")
+# where DeepSpeed 0.19 keeps gradients besides .grad: ZeRO-1/2 partitions at the boundary, ZeRO-2 during
+# accumulation, ZeRO-3 partitions, BF16_Optimizer's fp32 accumulation buffer (ZeRO-1 with a JSON asking for
+# fp32 gradient accumulation; not in megalm's defaults)
+GRAD_HOLDERS = ("averaged_gradients", "all_grad_tensors", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
+
+
+def _tensors(obj):
+    """The tensors in nested lists, tuples and dict values."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _model_states(engine) -> dict[str, list]:
+    """The tensors that hold each model state on this rank, and DeepSpeed's reduction buckets."""
+    from megalm.engine import OPTIM_KEYS
+
+    opt, torch_opt = engine.ds.optimizer, engine.torch_optimizer
+    params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for _, p, _ in engine.named]
+    flat = getattr(opt, "fp32_partitioned_groups_flat", None)     # ZeRO-3 puts these in param_groups only to step
+    stepped = flat if flat is not None else [q for group in torch_opt.param_groups for q in group["params"]]
+    own_weights = {id(p) for p in params}
+    return {
+        "params": params,
+        "grads": [p.grad for _, p, _ in engine.named] + [q.grad for q in stepped] +
+                 [t for name in GRAD_HOLDERS for t in _tensors(getattr(opt, name, None))],
+        "master": [q for q in stepped if id(q) not in own_weights],      # ZeRO-0 fp32 steps the model's weights
+        "moments": [v for state in torch_opt.state.values() for k, v in state.items() if k in OPTIM_KEYS],
+        "buffers": [t for bucket in (getattr(opt, "ipg_buckets", None) or {}).values()
+                    for t in _tensors(getattr(bucket, "buffer", None))],
+    }
 
 
 def _bytes(tensors) -> int:
-    seen, total = set(), 0
+    """Bytes of the distinct memory the tensors view: per storage, the union of their byte ranges (a flat
+    buffer and views into it count once)."""
+    ranges: dict[int, list] = {}
     for t in tensors:
-        if t is not None and torch.is_tensor(t) and t.dim() > 0 and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+        if t is None or t.numel() == 0 or t.device.type == "meta":
+            continue
+        start = t.storage_offset() * t.element_size()
+        ranges.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + t.numel() * t.element_size()))
+    total = 0
+    for spans in ranges.values():
+        end = 0
+        for lo, hi in sorted(spans):
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
     return total
 
 
-def _grad_bytes(engine) -> int:
-    """Gradient memory held at the boundary: .grad tensors plus ZeRO's/bf16's own gradient buffers."""
-    opt = engine.ds.optimizer
-    held = [p.grad for _, p, _ in engine.named]
-    for attr in ("fp32_groups_gradients_flat",):                           # bf16 ZeRO-0: fp32 accumulation
-        held += list(getattr(opt, attr, None) or [])
-    averaged = getattr(opt, "averaged_gradients", None)                    # ZeRO-1/2: partitioned gradients
-    if isinstance(averaged, dict) and engine.stage in (1, 2):
-        held += [g for grads in averaged.values() for g in (grads or [])]
-    if engine.stage == 3:
-        held.append(getattr(opt, "grad_partitions_flat_buffer", None))    # ZeRO-3: this rank's partitions
-    return _bytes(held)
+def _live_storages(extra=()) -> dict[int, tuple]:
+    """data_ptr -> (bytes, dtype, shape) of every tensor storage alive in this process: the garbage collector
+    tracks every Python tensor object (a type test, not isinstance, which would touch deprecated objects);
+    ``extra`` adds tensors that may live in C++ only (.grad)."""
+    live = {}
+    for obj in [*gc.get_objects(), *extra]:
+        if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            if storage.nbytes():
+                live.setdefault(storage.data_ptr(), (storage.nbytes(), str(obj.dtype), tuple(obj.shape)))
+    return live
 
 
-def _measure(rank, world, overrides, out):
+def _snapshot(engine, before: dict) -> dict:
+    states = _model_states(engine)
+    row = {name: _bytes(tensors) for name, tensors in states.items()}
+    grads = [p.grad for _, p, _ in engine.named if p.grad is not None]
+    new = {ptr: v for ptr, v in _live_storages(grads).items() if ptr not in before}
+    row["live"] = sum(v[0] for v in new.values())
+    row["other"] = row["live"] - sum(row[name] for name in (*STATES, "buffers"))
+    named = {t.untyped_storage().data_ptr() for ts in states.values() for t in ts if t is not None}
+    row["largest_other"] = sorted((v for ptr, v in new.items() if ptr not in named), reverse=True)[:5]
+    return row
+
+
+def _measure(rank, world, overrides, out_dir):
     from megalm.config import load_config
-    from megalm.engine import DeepSpeedEngine, build_deepspeed_chunks
+    from megalm.engine import DeepSpeedEngine, build_deepspeed_chunks, ensure_distributed
     from megalm.parallel.topology import build_topology
 
     cfg = load_config(None, overrides)
     topo = build_topology()
+    ensure_distributed()
+    gc.collect()
+    before_objects = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]   # kept alive: no address
+    before = _live_storages()                                                          # is reused by a new one
     engine = DeepSpeedEngine(cfg, topo, build_deepspeed_chunks(cfg, topo, torch.device("cpu")), torch.device("cpu"))
     gen = torch.Generator().manual_seed(rank)
-    grads = 0
-    for _ in range(engine.backwards_per_step):     # peak over accumulation (ZeRO-0/1 hold full .grad there)
-        tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
-                               generator=gen)
-        engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]))
-        grads = max(grads, _grad_bytes(engine))
-    engine.step(1e-3)
-    opt = engine.torch_optimizer
-    flat = getattr(engine.ds.optimizer, "fp32_partitioned_groups_flat", None)
-    master = flat if engine.stage == 3 else [q for g in opt.param_groups for q in g["params"]]
-    own_weights = engine.stage == 0 and cfg.train.precision == "fp32"
-    result = {
-        "psi": sum(getattr(p, "ds_numel", p.numel()) for _, p, _ in engine.named),
-        "params": _bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for _, p, _ in engine.named),
-        "grads": grads,
-        "master": 0 if own_weights else _bytes(master),
-        "moments": _bytes(v for s in opt.state.values() for v in s.values()),
-    }
-    if rank == 0:
-        Path(out).write_text(json.dumps(result))
+    peak = None
+    for step in range(2):
+        for _ in range(engine.backwards_per_step):
+            tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
+                                   generator=gen)
+            engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]))
+            del tokens
+            if step == 1:
+                gc.collect()
+                row = _snapshot(engine, before)
+                if peak is None or sum(row[k] for k in STATES) > sum(peak[k] for k in STATES):
+                    peak = row
+        engine.step(1e-3)
+    peak["psi"] = sum(getattr(p, "ds_numel", p.numel()) for _, p, _ in engine.named)
+    peak["reduce_bucket_size"] = engine.ds.zero_reduce_bucket_size()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(peak))
+    del before_objects
 
 
 def formula(stage: int, precision: str, psi: int, n: int) -> dict:
@@ -85,29 +162,61 @@ def formula(stage: int, precision: str, psi: int, n: int) -> dict:
             "master": master * psi / (n if stage >= 1 else 1), "moments": 8 * psi / (n if stage >= 1 else 1)}
 
 
-def measure(stage: int, precision: str, world: int = 2) -> dict:
+def measure(stage: int, precision: str, world: int = 2, model: dict | None = None) -> list[dict]:
+    """One measurement per rank (a list indexed by rank) on ``world`` gloo processes."""
+    from megalm.config import preset_folder
     from megalm.testing import run_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
-        extra = {**MODEL, "parallel.zero_stage": stage, "train.precision": precision,
+        extra = {**MODEL, **(model or {}), "parallel.zero_stage": stage, "train.precision": precision,
                  "train.run_dir": tmp, "parallel.engine": "deepspeed"}
-        if stage == 3:
-            extra["parallel.deepspeed_config"] = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" /
-                                                     "zero3.json")
-        out = Path(tmp) / "result.json"
-        run_distributed(_measure, world, [f"{k}={v}" for k, v in extra.items()], str(out))
-        return json.loads(out.read_text())
+        if stage == 3:     # persistence threshold 0: every parameter is partitioned, as the formula assumes
+            extra["parallel.deepspeed_config"] = str(preset_folder() / "deepspeed" / "zero3.json")
+        run_distributed(_measure, world, [f"{k}={v}" for k, v in extra.items()], tmp)
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def table(rows) -> str:
-    head = (f"{'prec':5} {'ZeRO':>4} | {'params':>17} | {'grads':>17} | {'fp32 master':>17} | {'Adam m+v':>17} | "
-            f"{'total':>17}")
-    lines = [head, "       (bytes per rank, measured / formula)", "-" * len(head)]
-    for precision, stage, got, want in rows:
-        cells = [f"{got[k]:>8,} / {want[k]:>8,.0f}" for k in ("params", "grads", "master", "moments")]
-        total = f"{sum(got[k] for k in want):>8,} / {sum(want.values()):>8,.0f}"
-        lines.append(f"{precision:5} {stage:>4} | " + " | ".join(cells) + f" | {total}")
+    cols = ("params", "grads", "fp32 master", "Adam m+v", "total")
+    head = (f"{'prec':5} {'ZeRO':>4} {'rank':>4} | " + " | ".join(f"{c:>19}" for c in cols) +
+            f" | {'buffers':>13} | {'all live (gc)':>13} | {'other':>9}")
+    lines = ["bytes per rank, measured / formula; buffers: DeepSpeed's reduction buckets; all live: every tensor "
+             "storage in the process, found by the garbage collector; other = all live - the rest", head,
+             "-" * len(head)]
+    for precision, stage, rank, got, want in rows:
+        cells = [f"{got[k]:>9,} / {want[k]:>7,.0f}" for k in STATES]
+        cells.append(f"{sum(got[k] for k in STATES):>9,} / {sum(want.values()):>7,.0f}")
+        lines.append(f"{precision:5} {stage:>4} {rank:>4} | " + " | ".join(cells) +
+                     f" | {got['buffers']:>13,} | {got['live']:>13,} | {got['other']:>9,}")
     return "\n".join(lines)
+
+
+def _plot(rows, path: Path) -> bool:
+    """Stacked bars of the measured states per run (rank 0), a marker at the formula's total."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r[2] == 0]
+    labels = [f"{p}\nZeRO-{s}" for p, s, *_ in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
+    bottom = [0.0] * len(rows)
+    for key, name in zip(STATES, ("params", "grads", "fp32 master", "Adam m+v")):
+        values = [got[key] / 2 ** 20 for *_, got, _ in rows]
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.scatter(labels, [sum(want.values()) / 2 ** 20 for *_, want in rows], color="black", marker="_", s=400,
+               label="formula total", zorder=3)
+    ax.set_ylabel("MiB per rank (rank 0)")
+    ax.set_title("ZeRO model states per rank, measured vs formula")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -115,15 +224,26 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default="0,1,2,3", help="ZeRO stages to measure")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16")
     parser.add_argument("--world", type=int, default=2, help="data-parallel processes (gloo)")
+    parser.add_argument("--out", default="runs/bench-memory", help="folder for bench_memory.json and .png")
     args = parser.parse_args(argv)
     rows = []
     for precision in args.precisions.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
-            got = measure(stage, precision, args.world)
-            want = formula(stage, precision, got["psi"], args.world)
-            rows.append((precision, stage, got, want))
-    print(f"model states per rank, N = {args.world} data-parallel ranks, Ψ = {rows[0][2]['psi']:,} parameters")
+            for rank, got in enumerate(measure(stage, precision, args.world)):
+                rows.append((precision, stage, rank, got, formula(stage, precision, got["psi"], args.world)))
+    print(f"model states per rank, N = {args.world} data-parallel ranks, Ψ = {rows[0][3]['psi']:,} parameters")
     print(table(rows))
+    buckets = {f"ZeRO-{s}": got["reduce_bucket_size"] for _, s, r, got, _ in rows if r == 0}
+    print("reduce_bucket_size (elements): " + ", ".join(f"{k} {v:,}" for k, v in buckets.items()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"world": args.world, "psi": rows[0][3]["psi"], "model": MODEL,
+              "rows": [{"precision": p, "stage": s, "rank": r, "measured": got, "formula": want}
+                       for p, s, r, got, want in rows]}
+    (out / "bench_memory.json").write_text(json.dumps(report, indent=1))
+    plotted = _plot(rows, out / "bench_memory.png")
+    print(f"wrote {out / 'bench_memory.json'}" + (f" and {out / 'bench_memory.png'}" if plotted else
+                                                  " (no matplotlib: no chart)"))
     return 0
 
 

@@ -49,6 +49,16 @@ def import_deepspeed():
     return deepspeed
 
 
+def zero_to_fp32_state_dict(folder, tag: str) -> dict:
+    """DeepSpeed's own consolidation (``zero_to_fp32``) of the ZeRO checkpoint ``folder/tag``: the whole fp32
+    model of one model-parallel rank, by DeepSpeed's parameter names. Its Python API, not the command, which
+    would also import huggingface_hub. Raises ImportError when deepspeed is not installed."""
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+
+
 # ---- configuration: megalm's settings and an optional user JSON, merged and checked ----------------------
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -88,24 +98,48 @@ def _adopt_user_json(cfg: Config, user: dict, source: str) -> None:
         raise ConfigError(f"CPU offload needs ZeRO stage 2 or 3 (got {p.zero_stage} from {source})")
 
 
-def _check_batch(cfg: Config, dp: int, user: dict, source: str) -> None:
-    """DeepSpeed's train batch = micro batch x gradient accumulation x dp; any disagreement names all four."""
-    t = cfg.train
-    gas = cfg.grad_accumulation_steps(dp)
-    ours = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": gas}
-    given = {k: user[k] for k in ours if k in user and user[k] != "auto"}
-    micro = given.get("train_micro_batch_size_per_gpu", t.micro_batch_size)
-    accum = given.get("gradient_accumulation_steps", gas)
-    total = given.get("train_batch_size", t.global_batch_size)
-    if any(given[k] != ours[k] for k in given) or total != micro * accum * dp:
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _resolve_batch(cfg: Config, dp: int, user: dict, source: str) -> None:
+    """DeepSpeed's train batch = micro batch x gradient accumulation x dp. The JSON's batch keys are adopted
+    where megalm's train.micro_batch_size / train.global_batch_size were left at their defaults (Config keeps
+    no record of which keys were given, so a value equal to the default counts as unset); what neither gives is
+    completed as DeepSpeed itself would (accumulation 1 when only a train or only a micro batch is known; the
+    default micro batch when only an accumulation is). A contradiction names all four numbers of both sides."""
+    t, default = cfg.train, type(cfg.train)()
+    given = {k: user[k] for k in BATCH_KEYS if user.get(k, "auto") != "auto"}
+    if not given:
+        return                      # megalm's own numbers, already checked by Config.validate
+    set_micro = t.micro_batch_size != default.micro_batch_size
+    set_total = t.global_batch_size != default.global_batch_size
+    clashes = [f"{key}={given[key]} but train.{name}={mine}" for name, key, mine, is_set in (
+        ("micro_batch_size", "train_micro_batch_size_per_gpu", t.micro_batch_size, set_micro),
+        ("global_batch_size", "train_batch_size", t.global_batch_size, set_total))
+        if key in given and is_set and mine != given[key]]
+    micro = given.get("train_micro_batch_size_per_gpu", t.micro_batch_size if set_micro else None)
+    total = given.get("train_batch_size", t.global_batch_size if set_total else None)
+    accum = given.get("gradient_accumulation_steps")
+    if micro is None:
+        micro = total / ((accum or 1) * dp) if total is not None else default.micro_batch_size
+    if accum is None:
+        accum = total / (micro * dp) if total is not None else 1
+    if total is None:
+        total = micro * accum * dp
+    whole = all(float(v).is_integer() and v >= 1 for v in (micro, accum, total))
+    if clashes or not whole or total != micro * accum * dp:
+        mine = t.global_batch_size / (t.micro_batch_size * dp)
         raise ConfigError(
-            f"batch sizes disagree: {source} has train_batch_size={total}, micro batch "
-            f"(train_micro_batch_size_per_gpu)={micro}, gradient accumulation={accum}, with dp={dp} "
-            f"(DeepSpeed needs train_batch_size = micro x accumulation x dp = {micro} x {accum} x {dp} = "
-            f"{micro * accum * dp}); megalm has train.global_batch_size={t.global_batch_size}, "
-            f"train.micro_batch_size={t.micro_batch_size}, accumulation {gas}, dp {dp}. Make them agree, or drop "
-            f"the batch keys from the JSON and let megalm fill them")
+            f"batch sizes disagree{': ' + '; '.join(clashes) if clashes else ''}. DeepSpeed needs train batch = "
+            f"micro batch x gradient accumulation x dp, each a whole number >= 1. {source} (completed with "
+            f"megalm's values) gives train_batch_size={total:g}, micro batch {micro:g}, gradient accumulation "
+            f"{accum:g}, dp={dp}: {micro:g} x {accum:g} x {dp} = {micro * accum * dp:g}; megalm has "
+            f"train.global_batch_size={t.global_batch_size}, train.micro_batch_size={t.micro_batch_size}, "
+            f"gradient accumulation {mine:g}, dp={dp}. Make them agree, drop the batch keys from the JSON (megalm "
+            f"fills them), or leave train.micro_batch_size and train.global_batch_size at their defaults")
+    if (int(micro), int(total)) != (t.micro_batch_size, t.global_batch_size):
+        t.micro_batch_size, t.global_batch_size = int(micro), int(total)
+        cfg.validate(dp * cfg.parallel.tp * cfg.parallel.pp)    # e.g. the interleaved schedule's rule, again
 
 
 def _deepspeed_json(name: str) -> Path:
@@ -136,7 +170,7 @@ def resolve_deepspeed_config(cfg: Config, dp: int) -> dict:
         path = _deepspeed_json(cfg.parallel.deepspeed_config)
         user, source = json.loads(path.read_text()), f"DeepSpeed config {path}"
         _adopt_user_json(cfg, user, source)
-    _check_batch(cfg, dp, user, source)
+        _resolve_batch(cfg, dp, user, source)
     p, t = cfg.parallel, cfg.train
     zero = {"stage": p.zero_stage}
     if p.zero_offload:
@@ -314,6 +348,15 @@ class _Chunks(torch.nn.Module):
         return self.chunks[index](x, targets)
 
 
+def _stage0_masters(opt) -> dict:
+    """ZeRO-0 in bf16/fp16 wraps megalm's torch optimizer in DeepSpeed's FP16_UnfusedOptimizer, which keeps each
+    parameter's fp32 master (``fp32_groups``, what the torch optimizer steps and keys its state by) outside the
+    safe_get/set_* API. id(param) -> its master; empty for every other optimizer."""
+    if not hasattr(opt, "fp16_groups") or not hasattr(opt, "fp32_groups"):
+        return {}
+    return {id(p): master for lp, fp32 in zip(opt.fp16_groups, opt.fp32_groups) for p, master in zip(lp, fp32)}
+
+
 def _shape(param) -> tuple:
     """The (local, tensor-parallel) shape of a parameter, also when ZeRO-3 has partitioned it away."""
     return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
@@ -341,6 +384,20 @@ class DeepSpeedEngine:
         self.backwards_per_step = cfg.grad_accumulation_steps(topo.dp) * len(chunks)
         self._backwards = 0
         self._tied = tied_embedding_params(chunks, topo)
+        self._masters = _stage0_masters(self.ds.optimizer) if self.stage == 0 else {}
+        if self._masters:
+            self._undo_state_initialising_step()
+
+    @torch.no_grad()
+    def _undo_state_initialising_step(self) -> None:
+        """DeepSpeed's FP16_UnfusedOptimizer (ZeRO-0 in bf16/fp16) creates the optimizer state by a real step
+        with zero gradients (``initialize_optimizer_states``, deepspeed 0.19.8). For AdamW that decays the fp32
+        masters once and puts the step count one ahead, which shrinks the early updates through the bias
+        correction (0.73x at the first step). Undo both: masters back to the weights they were copied from, the
+        state dropped (AdamW creates it at the first real step)."""
+        for _, p, _ in self.named:
+            self._masters[id(p)].copy_(p.detach().float())
+        self.torch_optimizer.state.clear()
 
     # ---- the step ---------------------------------------------------------------------------------------
     def forward(self, chunk: int, x, targets=None):
@@ -413,13 +470,23 @@ class DeepSpeedEngine:
                 self._set_weight(p, value)
 
     # ---- checkpoint seam --------------------------------------------------------------------------------
+    def _stage0_master(self, p, key: str | None = None):
+        """ZeRO-0 bf16/fp16: p's fp32 master (key None) or that master's optimizer state ``key``."""
+        master = self._masters.get(id(p))
+        if master is None or key is None:
+            return master
+        return self.torch_optimizer.state.get(master, {}).get(key)
+
     def _full_fp32(self, p) -> torch.Tensor:
         """The fp32 master value of this rank's (TP) slice; a collective over the DP group for ZeRO 1-3."""
         value = self._ds_module.utils.safe_get_full_fp32_param(p)
+        value = self._stage0_master(p) if value is None else value
         return (p.detach() if value is None else value).float().reshape(_shape(p))
 
     def _full_state(self, p, key: str):
         value = self._ds_module.utils.safe_get_full_optimizer_state(p, key)
+        if value is None:
+            value = self._stage0_master(p, key)
         if value is None:
             value = self.torch_optimizer.state.get(p, {}).get(key)
         return None if value is None else value.float().reshape(_shape(p))
@@ -470,6 +537,9 @@ class DeepSpeedEngine:
         else:
             p.data.copy_(value.to(p.dtype))
         self._ds_module.utils.safe_set_full_fp32_param(p, value.float().to(self.device))
+        master = self._stage0_master(p)
+        if master is not None:
+            master.copy_(value.reshape(master.shape))
 
     def _create_optimizer_state(self, step_count: int) -> None:
         """torch Adam creates its state at the first step; a resumed run needs it before, to fill it."""
@@ -507,6 +577,8 @@ class DeepSpeedEngine:
                     continue
                 if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
                     utils.safe_set_full_optimizer_state(p, value.float().to(self.device), key)
+                elif id(p) in self._masters:
+                    self._stage0_master(p, key).copy_(value.reshape(p.shape))
                 else:
                     self.torch_optimizer.state[p][key].copy_(value)
 

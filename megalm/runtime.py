@@ -69,12 +69,24 @@ def start(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> Runtime:
     if info.world_size > 1 or cfg.uses_deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     resolve_vocab(cfg, tokenizer)
+    adopt_deepspeed_json(cfg, info.world_size)
     cfg.validate(info.world_size)
     info, _ = init_distributed()
     device = pick_device(cfg, info.local_rank)
     torch.manual_seed(cfg.train.seed)
     topo = build_topology(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
     return Runtime(cfg, info, device, topo)
+
+
+def adopt_deepspeed_json(cfg: Config, world_size: int) -> None:
+    """A user's DeepSpeed JSON may carry the batch sizes: fold them into cfg before it is validated."""
+    if not (cfg.uses_deepspeed and cfg.parallel.deepspeed_config):
+        return
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % model_parallel == 0:             # otherwise validation names the world-size error
+        from megalm.engine import resolve_deepspeed_config
+
+        resolve_deepspeed_config(cfg, world_size // model_parallel)
 
 
 def finish(rt: Runtime) -> None:

@@ -290,8 +290,10 @@ def deepspeed_consolidated(ds_dir, model_config, tag=None) -> dict:
     weights_only=True, with the same stand-ins as the converter: nothing in the checkpoint can run code."""
     import tempfile
 
+    from megalm.engine import import_deepspeed, zero_to_fp32_state_dict
+
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        import_deepspeed()
     except ImportError as e:
         raise DeepSpeedCheckpointError(f"--verify of a DeepSpeed checkpoint consolidates it with DeepSpeed's "
                                        f"zero_to_fp32, which needs deepspeed installed: {e}") from e
@@ -310,7 +312,7 @@ def deepspeed_consolidated(ds_dir, model_config, tag=None) -> dict:
                 if f.exists():
                     (linked / f.name.replace(f"mp_rank_{mp_rank:02d}", "mp_rank_00")).symlink_to(f.resolve())
             with _weights_only_loads():
-                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
+                state = zero_to_fp32_state_dict(tmp, tag="tag")
         specs = _tp_specs(model_config, tp, mp_rank)
         for ds_name, value in state.items():
             name = _megalm_name(ds_name)
