@@ -160,10 +160,33 @@ def test_bad_layout_fails_on_every_rank_with_the_same_message(tiny_corpus, tmp_p
     (4, {"parallel.pp": 2, "parallel.virtual_stages": 2, "parallel.zero_stage": 1}),
 ], ids=["tp2-pp2-dp2-zero1", "tp2-pp2-dp2-sp-zero3", "dp2-zero3-offload", "pp2-dp2-zero0", "pp2-dp2-zero2",
         "pp2-interleaved-dp2-zero1"])
-def test_deepspeed_layouts_equal_single_process(tiny_corpus, tmp_path, reference, world, layout):
+def test_deepspeed_layouts_equal_single_process(tiny_corpus, tmp_path, reference, reference_at_6, world, layout):
     """DeepSpeed as the data-parallel engine with all three dimensions at once (8 processes), and ZeRO-3 with
-    CPU offload: the first 6 steps of the 20-step schedule equal the single-process run's."""
+    CPU offload: the first 6 steps of the 20-step schedule equal the single-process run's (losses rtol 1e-5),
+    and so do the weights saved at step 6 (AdamW: rtol 1e-4 / atol 1e-5, the noise floor that
+    tests/distributed/test_deepspeed.py explains)."""
     run_dir = tmp_path / "deepspeed"
     run_distributed(_train, world, overrides(tiny_corpus, run_dir, **layout, **{"train.stop_at_step": 6}))
     got = curve(run_dir)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(reference[1][:6]), rtol=1e-5, atol=0)
+    expected, saved = model_weights(reference_at_6), model_weights(run_dir)
+    assert saved.keys() == expected.keys() and len(saved) > 10
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference_at_6(tiny_corpus, tmp_path_factory):
+    """The single-process run stopped (and checkpointed) at step 6 of the same 20-step schedule."""
+    run_dir = tmp_path_factory.mktemp("single-at-6")
+    train(load_config(None, overrides(tiny_corpus, run_dir, **{"train.stop_at_step": 6})))
+    return run_dir
+
+
+def model_weights(run_dir):
+    """Every model tensor of the latest checkpoint, whole (whatever layout wrote it)."""
+    from megalm.checkpoint.format import latest_checkpoint
+    from megalm.checkpoint.load import CheckpointReader
+
+    reader = CheckpointReader(latest_checkpoint(run_dir))
+    return {name: reader.read(name).float() for name in reader.manifest["tensors"] if name.startswith("model.")}
