@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, ConfigError
+from megalm.flops import matmul_params
 from megalm.model.transformer import master_init
 from megalm.parallel.parallelize import build_chunks, counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.topology import Topology
@@ -162,6 +163,15 @@ def _packaged_deepspeed_names() -> list[str]:
     return sorted(p.stem for p in (preset_folder() / "deepspeed").glob("*.json"))
 
 
+def bucket_elements(cfg: Config) -> int:
+    """DeepSpeed's reduce/all-gather bucket when the user's JSON names none: the configs/deepspeed/ value (5e7
+    elements), but never much more than this rank's share of the model. DeepSpeed's own default (5e8) makes
+    ZeRO-1 hold a 2 GB fp32 bucket per rank whatever the model's size."""
+    m = cfg.model
+    per_rank = sum(matmul_params(m).values()) // (cfg.parallel.tp * cfg.parallel.pp) if m.vocab_size else 0
+    return int(min(50_000_000, max(per_rank, 1_000_000)))
+
+
 def resolve_deepspeed_config(cfg: Config, dp: int) -> dict:
     """The DeepSpeed config dict for this run; a user JSON (parallel.deepspeed_config) wins where it speaks,
     megalm's batch, precision, ZeRO and clipping settings fill what it leaves out. Updates cfg to match."""
@@ -172,7 +182,8 @@ def resolve_deepspeed_config(cfg: Config, dp: int) -> dict:
         _adopt_user_json(cfg, user, source)
         _resolve_batch(cfg, dp, user, source)
     p, t = cfg.parallel, cfg.train
-    zero = {"stage": p.zero_stage}
+    bucket = bucket_elements(cfg)
+    zero = {"stage": p.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if p.zero_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if p.zero_stage == 3:

@@ -275,6 +275,23 @@ def test_user_json_fills_and_megalm_fills_the_rest(tmp_path):
                                                    "parallel.zero_stage": 2}), dp=1)
 
 
+def test_buckets_follow_the_model_unless_the_json_names_them(tmp_path):
+    from megalm.engine import bucket_elements, resolve_deepspeed_config
+    from megalm.flops import matmul_params
+
+    cfg = _cfg(tmp_path, **{"parallel.zero_stage": 1})
+    zero = resolve_deepspeed_config(cfg, dp=2)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1_000_000    # tiny: the 4 MB floor
+    big = load_config("llama-7b", ["model.vocab_size=32000", "parallel.tp=2"])
+    assert sum(matmul_params(big.model).values()) // 2 > 50_000_000
+    assert bucket_elements(big) == 50_000_000                                             # capped as the JSONs
+    mid = load_config(None, ["model.vocab_size=32000", "model.hidden_size=512", "model.num_layers=4",
+                             "model.num_heads=8"])
+    assert bucket_elements(mid) == sum(matmul_params(mid.model).values())                # the model's share
+    json_cfg = _cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero1.json"})
+    assert resolve_deepspeed_config(json_cfg, dp=2)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+
+
 def test_fp16_on_cpu_says_use_bf16(tmp_path):
     from megalm.engine import build_deepspeed_chunks
     from megalm.parallel.topology import Topology
