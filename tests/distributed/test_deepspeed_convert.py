@@ -72,6 +72,20 @@ def test_cli_from_deepspeed_with_verify(tiny_corpus, tmp_path, stage, tp):
     assert main(args + ["--verify"]) == 0
     with pytest.raises(ConvertError, match="never overwrites"):
         main(args)
+    # ... and on to one consolidated model: whole (unsharded) tensors in Hugging Face's layout, logits verified
+    assert main(["to-hf", "--src", str(tmp_path / "out"), "--dst", str(tmp_path / "hf"), "--verify"]) == 0
+    from safetensors import safe_open
+
+    files = sorted((tmp_path / "hf").glob("*.safetensors"))
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install megalm[test])")
+    whole = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path / "hf"))
+    expected = {name: tuple(t.shape) for name, t in whole.state_dict().items()}
+    assert shapes and all(shapes[name] == expected[name] for name in shapes), (shapes, expected)
+    assert any(shape == (cfg.model.vocab_size, cfg.model.hidden_size) for shape in shapes.values())
 
 
 @pytest.mark.slow
