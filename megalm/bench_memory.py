@@ -23,8 +23,9 @@ equals the formula to the byte on both ranks, and "other" is 12-144 bytes. ZeRO-
 the other rank's share of the one parameter that straddles the two partitions, whose gradient each rank holds
 whole during accumulation: +1,024 elements on rank 0, +15,360 on rank 1. Buckets seen after the backward
 passes: ZeRO-1 holds one during the accumulation passes (freed at the boundary), ZeRO-3 after every pass,
-ZeRO-0 and ZeRO-2 none. With megalm's default DeepSpeed settings (DeepSpeed's reduce_bucket_size, 5e8) ZeRO-1's
-is 2 GB in fp32 (1 GB in bf16) per rank, whatever the model; the packaged zero3.json's 5e7 gives 200 MB
+ZeRO-0 and ZeRO-2 none. ZeRO-1's is 4 MB in fp32 (2 MB in bf16) per rank with megalm's default bucket (the
+rank's share of the model, floor 1e6 elements, cap 5e7: ``megalm.engine.bucket_elements``); DeepSpeed's own
+default, 5e8 elements, made it 2 GB (1 GB) whatever the model. The packaged zero3.json's 5e7 gives 200 MB
 (100 MB). ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer) holds no fp32 gradient buffer between steps.
 """
 from __future__ import annotations
