@@ -144,23 +144,16 @@ def _resolve_batch(cfg: Config, dp: int, user: dict, source: str) -> None:
 
 
 def _deepspeed_json(name: str) -> Path:
-    """A DeepSpeed JSON path, or a packaged one by name (``zero3`` or ``deepspeed/zero3.json``)."""
-    from megalm.config import resolve_config_file
-
-    try:
-        return resolve_config_file(name)
-    except ConfigError:
-        try:
-            return resolve_config_file(f"deepspeed/{Path(name).stem}.json")
-        except ConfigError:
-            raise ConfigError(f"parallel.deepspeed_config={name} does not exist; give a path or one of "
-                              f"{', '.join(_packaged_deepspeed_names())}") from None
-
-
-def _packaged_deepspeed_names() -> list[str]:
+    """A DeepSpeed JSON path, or a packaged one by name (``zero3``, ``zero3.json``, ``configs/deepspeed/zero3.json``
+    from outside the repository)."""
     from megalm.config import preset_folder
 
-    return sorted(p.stem for p in (preset_folder() / "deepspeed").glob("*.json"))
+    packaged = preset_folder() / "deepspeed"
+    for candidate in (Path(name), packaged / f"{Path(name).stem}.json"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"parallel.deepspeed_config={name} does not exist; give a path or one of "
+                      f"{', '.join(sorted(p.stem for p in packaged.glob('*.json')))}")
 
 
 def bucket_elements(cfg: Config) -> int:
