@@ -21,7 +21,7 @@ nvidia-smi -L | tee "$OUT/device.txt"
   || echo "gpu_check: could not install megalm (see $OUT/install.log)"
 step() { echo "=== $1"; shift; timeout "${STEP_TIMEOUT:-300}" "$@"; echo "=== exit $?"; }
 step "kernel tests on CUDA" "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
-step "kernel benchmark" "$PY" -m megalm.kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log"
+step "kernel benchmark" "$PY" -m megalm bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log"
 KERNELS=(kernels.attention kernels.norm kernels.rope kernels.swiglu kernels.cross_entropy)
 TRAIN=(--config configs/gpt2-124m.yaml --tp 0 --steps 10 --vocab-size 50304 train.precision=bf16
        train.micro_batch_size=8 train.global_batch_size=8 data.seq_len=1024 model.dropout=0.0)

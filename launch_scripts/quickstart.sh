@@ -11,7 +11,9 @@ if [ ! -f data/stdlib.idx ]; then
   .venv/bin/megalm preprocess --output-prefix data/stdlib
 fi
 .venv/bin/megalm train --config configs/tiny.yaml "$@"
-.venv/bin/megalm eval --checkpoint runs/tiny --split test
+echo "--- the test split again, on more samples (training's test line used train.eval_samples=64; this uses 256," \
+     "so the two perplexities differ by sampling, not by model) ---"
+.venv/bin/megalm eval --checkpoint runs/tiny --split test --samples 256
 echo "--- a sample from the model (greedy-ish, seed 0) ---"
 .venv/bin/megalm generate --checkpoint runs/tiny --prompt "def " --max-new-tokens 80 --temperature 0.7 --seed 0
 echo "---"

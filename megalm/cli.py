@@ -4,7 +4,7 @@
     megalm train --config FILE [section.key=value ...]              train (resumes an existing run dir)
     megalm finetune --checkpoint CKPT --config FILE [overrides]     train from a checkpoint's (or HF's) weights
     megalm eval --checkpoint RUN_DIR [--data PREFIX | --text FILE]  loss and perplexity
-    megalm generate --checkpoint RUN_DIR --prompt TEXT              sample text with a KV cache
+    megalm generate --checkpoint RUN_DIR [--prompt TEXT]            sample text with a KV cache
     megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
     megalm bench kernels|bubble|train|memory|convert ...            benchmarks, each beside its baseline
     megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 
 COMMANDS = {
@@ -24,11 +23,11 @@ COMMANDS = {
     "convert": "megalm.checkpoint.convert",
 }
 BENCHES = {
-    "kernels": "megalm.kernels.bench",
-    "bubble": "megalm.parallel.pipeline.bubble",
-    "train": "megalm.bench_train",
-    "memory": "megalm.bench_memory",
-    "convert": "megalm.checkpoint.bench",
+    "kernels": "megalm.bench.kernels",
+    "bubble": "megalm.bench.bubble",
+    "train": "megalm.bench.train",
+    "memory": "megalm.bench.memory",
+    "convert": "megalm.bench.convert",
 }
 
 
@@ -68,7 +67,11 @@ def _config(argv) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.config or args.overrides:
-        print(json.dumps(load_config(args.config, args.overrides).to_dict(), indent=1))
+        from megalm.config.rules import validate
+
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)                     # the rule book's verdict (the world size is the launcher's, later)
+        print(json.dumps(cfg.to_dict(), indent=1))
     else:
         print(describe_fields())
     return 0
@@ -76,23 +79,27 @@ def _config(argv) -> int:
 
 def _bench(argv) -> int:
     if not argv or argv[0] not in BENCHES:
-        print(f"usage: megalm bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
-        return 2
+        what = f"unknown benchmark {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
+        print(f"megalm bench: {what}choose one of {', '.join(BENCHES)}: megalm bench NAME [options]",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
     result = importlib.import_module(BENCHES[argv[0]]).main(argv[1:])
     return result if isinstance(result, int) else 0      # some benchmarks return their table for callers
 
 
 def _take_local_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends --local_rank=N; megalm reads LOCAL_RANK from the environment instead."""
+    from megalm.runtime.env import take_local_rank_argument
+
     out, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
         if arg.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            take_local_rank_argument(arg.split("=", 1)[1])
         elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
-            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            take_local_rank_argument(argv[i + 1])
             skip = True
         else:
             out.append(arg)
@@ -102,9 +109,17 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
     local = {"train": _train, "finetune": _finetune, "config": _config, "bench": _bench}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in {**COMMANDS, **local}:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in {**COMMANDS, **local}:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], [*COMMANDS, *local], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"megalm: unknown command {argv[0]!r}{hint} (megalm --help lists the commands: "
+              f"{', '.join([*COMMANDS, *local])})", file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     try:
         if command in local:

@@ -1,14 +1,28 @@
-"""How a user-facing error ends a run: one clear line per rank, exit status 2, no traceback for known errors."""
+"""How a user-facing error ends a run: one clear line per rank, exit status 2, no traceback for known errors.
+
+The line names the rank the launcher gave (read by the same discovery as start-up) and the host.
+"""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from megalm.checkpoint.format import CheckpointError
 from megalm.config import ConfigError
-from megalm.parallel.topology import LayoutError
 
-KNOWN = (ConfigError, CheckpointError, LayoutError)
+KNOWN = (ConfigError, CheckpointError)
+
+
+def origin() -> str:
+    """'rank R on HOST' for this process, as the launcher numbered it."""
+    from megalm.runtime.env import discover
+
+    try:
+        rank = discover().rank
+    except (ValueError, KeyError):            # a malformed launcher variable: still say where
+        rank = "?"
+    return f"rank {rank} on {socket.gethostname()}"
 
 
 def report(error: BaseException) -> int:
@@ -18,6 +32,5 @@ def report(error: BaseException) -> int:
         raise error
     if os.environ.get("MEGALM_TRACEBACK"):
         raise error
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    print(f"megalm: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+    print(f"megalm: error ({origin()}): {error}", file=sys.stderr, flush=True)
     return 2

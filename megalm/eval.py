@@ -13,10 +13,17 @@ from megalm.train.step import evaluate
 
 def text_samples(tokenizer, path: str, seq_len: int) -> list[np.ndarray]:
     """Non-overlapping windows of seq_len + 1 tokens over the file (the last partial window is dropped)."""
-    ids = np.asarray(tokenizer.encode(open(path, encoding="utf-8").read()) + [tokenizer.eod_id], dtype=np.int64)
+    from megalm.data.errors import DataError
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError:
+        raise DataError(f"--text {path} is not UTF-8 text; give a text file") from None
+    ids = np.asarray(tokenizer.encode(text) + [tokenizer.eod_id], dtype=np.int64)
     n = (len(ids) - 1) // seq_len
     if n == 0:
-        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
+        raise DataError(f"--text {path} has {len(ids)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; give "
+                        f"a longer text")
     return [ids[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)]
 
 
@@ -34,6 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=256, help="most samples to score")
     ap.add_argument("overrides", nargs="*", help="layout overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
+    if args.samples < 1:
+        from megalm.config import ConfigError
+
+        raise ConfigError(f"--samples={args.samples} must be at least 1")
     cfg, reader = checkpoint_config(args.checkpoint, args.overrides)
     seq = cfg.data.seq_len
     if args.text:
@@ -45,7 +56,7 @@ def main(argv=None) -> int:
         ds = TokenDataset(prefix, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
         samples = [ds.sample(i) for i in range(min(len(ds), args.samples))]
         where = f"{prefix} ({args.split})"
-    rt, engine = load_model(cfg, reader)
+    rt, cfg, engine = load_model(cfg, reader)
     topo = rt.topo
     mbs = max(1, min(cfg.train.micro_batch_size, len(samples) // topo.dp))
     batches = [torch.as_tensor(np.stack(samples[i:i + mbs])).to(rt.device)

@@ -7,10 +7,14 @@ token to the other stages.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.distributed as dist
 
+from megalm.checkpoint.format import CheckpointError
+from megalm.config import ConfigError
+from megalm.config.rules import check_sampling
 from megalm.model.transformer import full_logits
 
 
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="megalm generate", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
-    ap.add_argument("--prompt", default="def ")
+    ap.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     ap.add_argument("--top-k", type=int, default=50)
@@ -101,14 +105,32 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="layout overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     cfg, reader = checkpoint_config(args.checkpoint, args.overrides + ["parallel.sequence_parallel=false"])
     tokenizer = checkpoint_tokenizer(reader)
     if tokenizer is None:
-        raise SystemExit(f"{reader.folder} carries no tokenizer.json; cannot turn the prompt into tokens")
-    rt, engine = load_model(cfg, reader)
-    ids = generate_ids(engine, rt.topo, tokenizer.encode(args.prompt), args.max_new_tokens, args.temperature,
+        raise CheckpointError(f"{reader.folder} carries no tokenizer.json; cannot turn the prompt into tokens")
+    prompt_ids = prompt_tokens(tokenizer, args.prompt, cfg.model.max_seq_len)
+    rt, cfg, engine = load_model(cfg, reader)
+    ids = generate_ids(engine, rt.topo, prompt_ids, args.max_new_tokens, args.temperature,
                        args.top_k, args.top_p, args.seed, tokenizer.vocab_size, tokenizer.eod_id, cfg.model.max_seq_len)
     if rt.is_logging_rank:
         print(tokenizer.decode(ids), flush=True)
+        new = len(ids) - len(prompt_ids)
+        if new < args.max_new_tokens and ids[-1] != tokenizer.eod_id:
+            print(f"generate: stopped after {new} new tokens at model.max_seq_len={cfg.model.max_seq_len} "
+                  f"(prompt {len(prompt_ids)} tokens); use a shorter prompt for longer text", file=sys.stderr,
+                  flush=True)
     finish(rt)
     return 0
+
+
+def prompt_tokens(tokenizer, prompt: str, max_len: int) -> list[int]:
+    """The prompt's ids; an empty prompt or one at or beyond the model's length is refused with its size."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ConfigError("--prompt is empty (no tokens); give some text to continue, e.g. --prompt 'def '")
+    if len(ids) >= max_len:
+        raise ConfigError(f"--prompt is {len(ids)} tokens, but model.max_seq_len={max_len} leaves no room to "
+                          f"generate; shorten it to at most {max_len - 1} tokens")
+    return ids

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from megalm.config.rules import check_pipeline_layers, check_schedule
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Triton reads TRITON_INTERPRET when a kernel is defined, so set it before anything imports megalm.kernels.
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
@@ -36,3 +38,24 @@ def tiny_overrides(prefix: str, run_dir, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def validate_pipeline(num_layers, pp, virtual_stages, num_microbatches, explicit=None, schedule=None):
+    """The rule book's pipeline rules, as the run applies them: the partition, then the schedule's own."""
+    check_pipeline_layers(num_layers, pp, virtual_stages, explicit)
+    check_schedule(schedule or ("interleaved" if virtual_stages > 1 else "1f1b"), pp, virtual_stages,
+                   num_microbatches)
+
+
+def load_masters(module, masters: dict) -> None:
+    """Copy each parameter's slice of the full tensor ``masters[name]`` (names as in named_parameters, e.g. the
+    state dict of the same model at tp=1); parameters without a ShardSpec are taken whole."""
+    import torch
+
+    from megalm.parallel.shard import spec_of
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            local = spec_of(p).take(masters[name].to(device=p.device, dtype=p.dtype))
+            assert local.shape == p.shape, (name, tuple(local.shape), tuple(p.shape))
+            p.copy_(local)

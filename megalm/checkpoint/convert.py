@@ -23,23 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megalm.checkpoint.format import (
-    FORMAT,
-    VERSION,
-    add_tokenizer,
-    commit,
-    latest_checkpoint,
-    piece_entry,
-    verify_files,
-)
+from megalm.checkpoint.format import commit, latest_checkpoint, verify_files
+from megalm.checkpoint.layout import ConvertError, check_target_layout, plan_layout
 from megalm.checkpoint.load import CheckpointReader, rows_byte_range, safetensors_offsets
-from megalm.checkpoint.plan import plan_layout
+from megalm.checkpoint.manifest import add_piece, add_tokenizer, layout_entry, new_manifest, piece_entry
 from megalm.checkpoint.writer import PlannedSafetensorsFile, dtype_from_name
 from megalm.config import Config, ModelConfig
-
-
-class ConvertError(ValueError):
-    """A conversion that cannot start; the message names the file or the numbers."""
 
 
 def _prepare_destination(dst: Path) -> Path:
@@ -49,17 +38,6 @@ def _prepare_destination(dst: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def _check_layout(model: ModelConfig, tp: int, pp: int, vs: int) -> None:
-    cfg = Config(model=model)
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.virtual_stages = tp, pp, vs
-    cfg.train.global_batch_size = cfg.train.micro_batch_size * max(pp, 1)
-    cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
-    try:
-        cfg.validate(tp * pp)
-    except ValueError as e:
-        raise ConvertError(f"target layout tp={tp} pp={pp} virtual_stages={vs} does not fit the model: {e}") from e
 
 
 def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: dict, tp=1, pp=1, vs=1,
@@ -73,7 +51,7 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
     returns (file, byte offset, byte count) of a piece stored contiguously in the source, which is then copied
     file to file in the kernel (or None).
     """
-    _check_layout(model, tp, pp, vs)
+    check_target_layout(model, tp, pp, vs)
     plan = plan_layout(model, list(tensors), tp, pp, vs)
     for pieces in plan.values():
         for p in pieces:
@@ -102,15 +80,12 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
     for out, _ in finished.values():
         out.wait_durable()
     digests = {f: digest for f, (_, digest) in finished.items()}
-    manifest = {"format": FORMAT, "version": VERSION, **meta, "tensors": {}, "files": {}}
-    manifest["layout"] = {"tp": tp, "pp": pp, "dp": 1, "virtual_stages": vs, "sequence_parallel": False,
-                          "zero_stage": 0, "engine": "native"}
+    manifest = new_manifest(layout=layout_entry(tp, pp, 1, vs), **meta)
     manifest["files"] = digests
     for f, pieces in plan.items():
         for p in pieces:
-            slot = manifest["tensors"].setdefault(p.name, {"shape": list(p.global_shape),
-                                                           "dtype": tensors[p.name][0], "pieces": []})
-            slot["pieces"].append(piece_entry(p.spec, p.local_shape, f, p.name))
+            piece = piece_entry(p.spec, p.local_shape, f, p.name)
+            add_piece(manifest, p.name, p.global_shape, tensors[p.name][0], piece)
     add_tokenizer(tmp, manifest, tokenizer_file)
     if before_commit is not None:
         before_commit()
@@ -123,9 +98,10 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
 
 def base_meta(cfg: Config, step: int = 0, consumed: int = 0, has_optimizer_state: bool = False,
               optimizer_step: int = 0) -> dict:
-    return {"step": step, "config": cfg.to_dict(), "data": {"prefix": cfg.data.prefix, "consumed_samples": consumed},
-            "optimizer": {"name": cfg.optimizer.name, "step": optimizer_step, "has_state": has_optimizer_state},
-            "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"}}
+    """``new_manifest``'s arguments (all but the layout) for a converted checkpoint of ``cfg``'s model."""
+    return {"step": step, "config": cfg.to_dict(), "data_prefix": cfg.data.prefix, "consumed_samples": consumed,
+            "optimizer_name": cfg.optimizer.name, "optimizer_step": optimizer_step,
+            "has_optimizer_state": has_optimizer_state}
 
 
 def _reader_verified_alongside(folder):
@@ -148,8 +124,12 @@ def convert_layout(src, dst, tp=1, pp=1, vs=1) -> dict:
     m = reader.manifest
     cfg = Config.from_dict({k: v for k, v in m["config"].items()})
     tensors = {n: (e["dtype"], tuple(e["shape"])) for n, e in m["tensors"].items()}
-    meta = {k: m[k] for k in ("step", "config", "data", "optimizer", "rng")}
-    meta["config"]["parallel"].update(tp=tp, pp=pp, virtual_stages=vs, dp=None)
+    config = {**m["config"], "parallel": {**m["config"]["parallel"], "tp": tp, "pp": pp, "virtual_stages": vs,
+                                          "dp": None}}
+    meta = {"step": m["step"], "config": config, "data_prefix": m["data"]["prefix"],
+            "consumed_samples": m["data"]["consumed_samples"], "optimizer_name": m["optimizer"]["name"],
+            "optimizer_step": m["optimizer"]["step"], "has_optimizer_state": m["optimizer"]["has_state"],
+            "loss_scale": m.get("loss_scale")}
     tok = folder / "tokenizer.json"
     return write_checkpoint(Path(dst), cfg.model, tensors, reader.read, meta, tp, pp, vs, tok, "convert layout",
                             before_commit=verified.result, locate=reader.byte_range)
@@ -268,13 +248,14 @@ def convert_to_hf(src, dst) -> dict:
 def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
     from megalm.checkpoint.deepspeed import convert_deepspeed_checkpoint
     from megalm.config import load_config
-    from megalm.runtime import dataset_tokenizer, resolve_vocab
+    from megalm.config.resolve import resolve_vocab
+    from megalm.data.tokenizer import dataset_tokenizer
 
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ConvertError(f"{dst} exists and is not empty; megalm convert never overwrites: choose a new --dst")
     cfg = load_config(config_file)
-    resolve_vocab(cfg, dataset_tokenizer(cfg))          # as `megalm train` did: from the dataset's tokenizer
+    resolve_vocab(cfg, dataset_tokenizer(cfg.data.prefix))    # as `megalm train` did: from its tokenizer
     return convert_deepspeed_checkpoint(src, dst, cfg, tag=tag)
 
 

@@ -27,19 +27,13 @@ from pathlib import Path
 
 import torch
 
-from megalm.checkpoint.format import (
-    FORMAT,
-    VERSION,
-    add_tokenizer,
-    add_written,
-    checkpoints_root,
-    commit,
-    step_dir_name,
-)
+from megalm.checkpoint.format import checkpoints_root, commit, step_dir_name
+from megalm.checkpoint.layout import ConvertError, check_target_layout, meta_chunks
+from megalm.checkpoint.manifest import add_tokenizer, add_written, layout_entry, new_manifest
 from megalm.checkpoint.save import write_pieces
 from megalm.config import Config
 from megalm.data.tokenizer import tokenizer_path
-from megalm.parallel.tensor.layers import ShardSpec
+from megalm.parallel.shard import ShardSpec
 
 WHOLE = ShardSpec(None)
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -151,7 +145,6 @@ def _stage12_values(ranks: _Ranks, group: int, offset: int, shape: torch.Size, k
 
 def _tp_specs(model_config, tp: int, tp_rank: int) -> dict:
     """megalm parameter name -> ShardSpec at tensor-parallel rank ``tp_rank`` of ``tp`` (from a meta model)."""
-    from megalm.checkpoint.plan import meta_chunks
 
     return {name: (p.shard, p.shape) for name, p in meta_chunks(model_config, tp, tp_rank, 1, 0)[0].named_parameters()}
 
@@ -257,29 +250,22 @@ def _write_model_parallel_ranks(by_mp, folder, cfg, with_optimizer, max_file_byt
 def _check_model_parallel(cfg: Config, tp: int, folder: Path) -> None:
     """DeepSpeed names files by megalm's model-parallel rank, which is the tensor-parallel rank: the mp ranks are
     the tp ranks, and files of several pipeline stages would collide in one folder."""
-    from megalm.checkpoint.convert import ConvertError, _check_layout
-
     if cfg.parallel.pp > 1:
         raise DeepSpeedCheckpointError(
             f"--config has parallel.pp={cfg.parallel.pp}: DeepSpeed's file names carry no pipeline stage, so a "
             f"pp > 1 DeepSpeed checkpoint cannot be told apart; convert megalm's own checkpoint of that run "
             f"(megalm convert layout), which every megalm run writes")
     try:
-        _check_layout(cfg.model, tp, 1, 1)
+        check_target_layout(cfg.model, tp, 1, 1)
     except ConvertError as e:
         raise DeepSpeedCheckpointError(f"{folder} holds {tp} model-parallel ranks (tp={tp}), but {e}") from e
 
 
 def _manifest(cfg: Config, step: int, tp: int, ranks: _Ranks, model_states: dict, with_optimizer: bool,
               folder: Path) -> dict:
-    return {"format": FORMAT, "version": VERSION, "step": step, "config": cfg.to_dict(),
-            "layout": {"tp": tp, "pp": 1, "dp": ranks.dp, "virtual_stages": 1, "sequence_parallel": False,
-                       "zero_stage": ranks.stage, "engine": "deepspeed", "converted_from": str(folder)},
-            "data": {"prefix": cfg.data.prefix, "consumed_samples": int(model_states.get("global_samples", 0))},
-            "optimizer": {"name": "adamw" if ranks.has_moments else "sgd", "step": ranks.step or step,
-                          "has_state": with_optimizer},
-            "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"},
-            "tensors": {}, "files": {}}
+    layout = layout_entry(tp, 1, ranks.dp, zero_stage=ranks.stage, engine="deepspeed", converted_from=str(folder))
+    return new_manifest(step, cfg.to_dict(), layout, cfg.data.prefix, int(model_states.get("global_samples", 0)),
+                        "adamw" if ranks.has_moments else "sgd", ranks.step or step, with_optimizer)
 
 
 def deepspeed_consolidated(ds_dir, model_config, tag=None) -> dict:
@@ -290,7 +276,7 @@ def deepspeed_consolidated(ds_dir, model_config, tag=None) -> dict:
     weights_only=True, with the same stand-ins as the converter: nothing in the checkpoint can run code."""
     import tempfile
 
-    from megalm.engine import import_deepspeed, zero_to_fp32_state_dict
+    from megalm.engine.deepspeed.compat import import_deepspeed, zero_to_fp32_state_dict
 
     try:
         import_deepspeed()
@@ -320,9 +306,8 @@ def deepspeed_consolidated(ds_dir, model_config, tag=None) -> dict:
     whole = {}
     for name, parts in slices.items():
         spec = parts[0][0]
-        sharded = spec.dim is not None and spec.parts > 1
         parts = sorted(parts, key=lambda part: part[0].index)
-        whole[name] = torch.cat([v for _, v in parts], dim=spec.dim) if sharded else parts[0][1]
+        whole[name] = torch.cat([v for _, v in parts], dim=spec.dim) if spec.is_sharded else parts[0][1]
     return whole
 
 

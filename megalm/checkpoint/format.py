@@ -91,30 +91,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def add_tokenizer(folder: Path, manifest: dict, tokenizer_file) -> None:
-    """Copy ``tokenizer_file`` (when there is one) into a checkpoint being written, its sha256 into the manifest."""
-    if tokenizer_file and Path(tokenizer_file).exists():
-        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
-        manifest["files"]["tokenizer.json"] = sha256_file(folder / "tokenizer.json")
-
-
-def add_written(manifest: dict, written: dict) -> None:
-    """Record one ``write_pieces`` report (a file, its sha256 and the pieces it holds) in the manifest."""
-    if written["file"]:
-        manifest["files"][written["file"]] = written["sha256"]
-    for name, entry in written["entries"].items():
-        slot = manifest["tensors"].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"], "pieces": []})
-        slot["pieces"].append(entry["piece"])
-
-
-def piece_entry(spec, local_shape: tuple, file: str, key: str) -> dict:
-    """The manifest's description of one stored piece: which slice of the global tensor ``spec`` denotes."""
-    dim = spec.dim if spec.dim is not None and spec.parts > 1 else None
-    offset = spec.index * local_shape[dim] if dim is not None else 0
-    length = local_shape[dim] if dim is not None else (local_shape[0] if local_shape else 1)
-    return {"file": file, "key": key, "dim": dim, "offset": offset, "length": length}
-
-
 def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = None) -> Path:
     """Finish a checkpoint written aside in ``tmp``: manifest, rename into place, COMMITTED, then (when given)
     the ``latest`` pointer of ``latest_root``. Each step is atomic, so a crash leaves either the previous state
@@ -171,13 +147,25 @@ def read_manifest(ckpt: Path, verify: bool = True) -> dict:
     return manifest
 
 
-def verify_files(ckpt: Path, manifest: dict) -> None:
-    """Every file against its recorded sha256 (all files hashed in parallel)."""
-    names = list(manifest["files"])
+def first_mismatch(ckpt: Path, manifest: dict, names) -> str | None:
+    """The first of the named files whose sha256 differs from the manifest's, or None (hashed in parallel)."""
+    names = list(names)
     for name, digest in zip(names, sha256_files(ckpt / n for n in names)):
         if digest != manifest["files"][name]:
-            raise CheckpointError(f"{ckpt / name} does not match its sha256 in the manifest: the file is corrupt or "
-                                  f"truncated; load an earlier checkpoint")
+            return name
+    return None
+
+
+def damaged_message(path: Path) -> str:
+    return (f"{path} does not match its sha256 in the manifest: the file is corrupt or truncated; load an earlier "
+            f"checkpoint")
+
+
+def verify_files(ckpt: Path, manifest: dict) -> None:
+    """Every file against its recorded sha256."""
+    bad = first_mismatch(ckpt, manifest, manifest["files"])
+    if bad is not None:
+        raise CheckpointError(damaged_message(ckpt / bad))
 
 
 def pieces_of(manifest: dict, name: str) -> list[Piece]:

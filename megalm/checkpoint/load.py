@@ -1,4 +1,9 @@
-"""Load with resharding: any rank reads exactly its slice of each global tensor, whatever layout wrote it."""
+"""Load with resharding: any rank reads exactly its slice of each global tensor, whatever layout wrote it.
+
+Verification costs each rank what it reads, not the checkpoint's size: ``verify_for_rank`` hashes only the
+files holding this rank's slices, split among the data-parallel replicas that read the same files, and the
+ranks agree on the verdict (one small all-reduce) before any weight is used.
+"""
 from __future__ import annotations
 
 import json
@@ -6,18 +11,55 @@ import struct
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 
-from megalm.checkpoint.format import CheckpointError, pieces_of, read_manifest
+from megalm.checkpoint.format import CheckpointError, damaged_message, first_mismatch, pieces_of, read_manifest
+
+
+def param_name(tensor_name: str) -> str:
+    """'model.X' and 'optim.<state>.X' both describe parameter X."""
+    head, _, rest = tensor_name.partition(".")
+    return rest if head == "model" else rest.partition(".")[2]
 
 
 class CheckpointReader:
-    """Reads slices of the global tensors of one committed checkpoint folder."""
+    """Reads slices of the global tensors of one committed checkpoint folder.
+
+    ``verify``: hash every file now (single-process tools); False leaves it to ``verify_for_rank`` (training,
+    evaluation, generation), or to the caller.
+    """
 
     def __init__(self, folder, verify: bool = True):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder, verify=verify)
+        self.manifest = read_manifest(self.folder, verify=False)
         self._handles, self._layouts = {}, {}
+        self.bytes_hashed = 0
+        if verify:
+            self.verify_files(sorted(self.manifest["files"]))
+
+    def first_mismatch(self, names) -> str | None:
+        """The first of the named files whose sha256 differs from the manifest's (None when all agree)."""
+        names = list(names)
+        self.bytes_hashed += sum((self.folder / name).stat().st_size for name in names)
+        return first_mismatch(self.folder, self.manifest, names)
+
+    def verify_files(self, names) -> None:
+        bad = self.first_mismatch(names)
+        if bad is not None:
+            raise CheckpointError(damaged_message(self.folder / bad))
+
+    def files_for(self, shard_specs: dict, with_optimizer: bool = True) -> list[str]:
+        """The files holding any piece of this rank's slices: ``shard_specs`` maps parameter name -> ShardSpec."""
+        files = set()
+        for name, entry in self.manifest["tensors"].items():
+            spec = shard_specs.get(param_name(name), False)
+            if spec is False or (not with_optimizer and not name.startswith("model.")):
+                continue
+            for piece in pieces_of(self.manifest, name):
+                if _overlaps(piece, spec, entry["shape"]):
+                    files.add(piece.file)
+        return sorted(files)
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -42,9 +84,8 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{self.folder}: {name!r} has global shape {list(shape)} in the checkpoint but the model being "
                 f"loaded needs {list(spec.global_shape(local_shape))}: the checkpoint is of another model config")
-        dim = spec.dim if spec is not None and spec.dim is not None and spec.parts > 1 else None
-        start, stop = (0, None) if dim is None else (spec.index * shape[dim] // spec.parts,
-                                                      (spec.index + 1) * shape[dim] // spec.parts)
+        dim = spec.sharded_dim if spec is not None else None
+        start, stop = (0, None) if dim is None else spec.bounds(shape[dim])
         return self._assemble(name, shape, dim, start, stop)
 
     def byte_range(self, name: str, spec=None) -> tuple[Path, int, int] | None:
@@ -97,6 +138,32 @@ class CheckpointReader:
         return torch.cat(parts, dim=piece_dim) if len(parts) > 1 else parts[0]
 
 
+def _overlaps(piece, spec, shape) -> bool:
+    """Whether a stored piece holds any of the slice ``spec`` cuts (all pieces do when the cuts differ)."""
+    if piece.dim is None or spec is None or not spec.is_sharded or spec.dim != piece.dim:
+        return True
+    lo, hi = spec.bounds(shape[piece.dim])
+    return piece.offset < hi and lo < piece.offset + piece.length
+
+
+def verify_for_rank(reader: CheckpointReader, shard_specs: dict, dp_rank: int = 0, dp: int = 1,
+                    with_optimizer: bool = True) -> None:
+    """Collective when a process group exists: every rank calls it. The files this rank reads are split among
+    its ``dp`` data-parallel replicas (which read the same files); each hashes its share, and one all-reduce
+    tells every rank whether some file failed, naming the same file everywhere."""
+    needed = reader.files_for(shard_specs, with_optimizer)
+    names = sorted(reader.manifest["files"])
+    mismatch = reader.first_mismatch(f for i, f in enumerate(needed) if i % dp == dp_rank)
+    bad = 0 if mismatch is None else names.index(mismatch) + 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([bad], dtype=torch.long)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = int(flag)
+    if bad:
+        raise CheckpointError(damaged_message(reader.folder / names[bad - 1]))
+
+
+
 def safetensors_offsets(path: Path) -> dict:
     """key -> (absolute start byte, end byte, dtype name) of every tensor in a safetensors file, from its header."""
     with open(path, "rb") as f:
@@ -111,12 +178,9 @@ def rows_byte_range(start: int, end: int, lo: int, hi: int, rows: int, spec) -> 
     """Bytes [start, end) of a file hold rows [lo, hi) (along dim 0) of a tensor of ``rows`` rows. Return
     (offset, count) of the rows ``spec`` asks for (all of them for a whole tensor) if they lie inside; else
     None, also when ``spec`` cuts another dim."""
-    if spec is not None and spec.dim is not None and spec.parts > 1:
-        if spec.dim != 0:
-            return None
-        want_lo, want_hi = spec.index * rows // spec.parts, (spec.index + 1) * rows // spec.parts
-    else:
-        want_lo, want_hi = 0, rows
+    if spec is not None and spec.is_sharded and spec.dim != 0:
+        return None
+    want_lo, want_hi = spec.bounds(rows) if spec is not None else (0, rows)
     if not (lo <= want_lo and want_hi <= hi):
         return None
     row_bytes = (end - start) // max(hi - lo, 1)

@@ -1,9 +1,10 @@
 """Save: every rank writes the pieces it owns into one safetensors file; rank 0 commits.
 
-Ownership: data-parallel rank 0 writes; of replicated tensors, tensor-parallel rank 0 only; of a tied embedding,
-the first stage only. The save goes to ``step_N.tmp`` and is renamed into place after every rank has written
-and rank 0 has written the manifest; ``COMMITTED`` and the ``latest`` pointer come last, so a crash at any
-moment leaves the previous checkpoint intact.
+Ownership (``megalm.parallel.shard.writes_piece``): data-parallel rank 0 writes; of replicated tensors,
+tensor-parallel rank 0 only; of a tied embedding, the first stage only. The save goes to ``step_N.tmp`` and is
+renamed into place after every rank has written and rank 0 has written the manifest; ``COMMITTED`` and the
+``latest`` pointer come last, so a crash at any moment leaves the previous checkpoint intact. Each file is
+hashed while it is written (``PlannedSafetensorsFile``), never read back.
 """
 from __future__ import annotations
 
@@ -12,21 +13,10 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
-from safetensors.torch import save_file
 
-from megalm.checkpoint.format import (
-    COMMITTED,
-    FORMAT,
-    VERSION,
-    add_tokenizer,
-    add_written,
-    checkpoints_root,
-    commit,
-    fsync_path,
-    piece_entry,
-    sha256_file,
-    step_dir_name,
-)
+from megalm.checkpoint.format import COMMITTED, checkpoints_root, commit, step_dir_name
+from megalm.checkpoint.manifest import add_tokenizer, add_written, piece_entry
+from megalm.checkpoint.writer import PlannedSafetensorsFile
 
 
 def _barrier():
@@ -42,24 +32,26 @@ def _gather_objects(obj):
     return out
 
 
-def write_pieces(folder: Path, rank: int, owned) -> dict:
-    """Write this rank's owned (name, local tensor, ShardSpec) triples; return their manifest entries."""
-    tensors, entries = {}, {}
-    file_name = f"shard-{rank:05d}.safetensors"
-    for name, tensor, spec in owned:
-        local = tuple(tensor.shape)
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-        entries[name] = {"shape": list(spec.global_shape(local)), "dtype": str(tensor.dtype).replace("torch.", ""),
-                         "piece": piece_entry(spec, local, file_name, name)}
-    if tensors:
-        save_file(tensors, str(folder / file_name))
-        fsync_path(folder / file_name)             # on disk before the commit renames the folder
-    return {"file": file_name if tensors else None, "entries": entries,
-            "sha256": sha256_file(folder / file_name) if tensors else None}
+def write_pieces(folder: Path, index: int, owned) -> dict:
+    """Write (name, local tensor, ShardSpec) triples into ``shard-{index:05d}.safetensors``; return the file's
+    sha256 and the manifest entries of its pieces."""
+    file_name = f"shard-{index:05d}.safetensors"
+    owned = [(name, tensor.detach(), spec) for name, tensor, spec in owned]
+    entries = {name: {"shape": list(spec.global_shape(tuple(t.shape))), "dtype": str(t.dtype).replace("torch.", ""),
+                      "piece": piece_entry(spec, tuple(t.shape), file_name, name)} for name, t, spec in owned}
+    if not owned:
+        return {"file": None, "entries": entries, "sha256": None}
+    out = PlannedSafetensorsFile(folder / file_name, [(name, t.dtype, tuple(t.shape)) for name, t, _ in owned])
+    for name, tensor, _ in owned:
+        out.write(name, tensor)
+    digest = out.close()
+    out.wait_durable()                                 # on disk before the commit renames the folder
+    return {"file": file_name, "entries": entries, "sha256": digest}
 
 
-def save_checkpoint(run_dir, step: int, owned, meta: dict, tokenizer_file=None, keep: int = 2) -> Path:
-    """Collective: every rank calls it with the tensors it owns. ``meta`` goes into the manifest as is."""
+def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2) -> Path:
+    """Collective: every rank calls it with the tensors it owns; rank 0's ``manifest`` (``new_manifest``) is
+    completed with every rank's pieces and committed."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
@@ -72,7 +64,6 @@ def save_checkpoint(run_dir, step: int, owned, meta: dict, tokenizer_file=None, 
     written = write_pieces(tmp, rank, owned)
     reports = _gather_objects(written)
     if rank == 0:
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, **meta, "tensors": {}, "files": {}}
         for report in reports:
             add_written(manifest, report)
         add_tokenizer(tmp, manifest, tokenizer_file)

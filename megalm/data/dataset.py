@@ -187,9 +187,6 @@ class BatchSampler:
         self.consumed_samples += self.global_batch_size
         return batches
 
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
     def load_state_dict(self, state: dict) -> None:
         consumed = state.get("consumed_samples")
         if not isinstance(consumed, (int, np.integer)) or isinstance(consumed, bool) or consumed < 0:

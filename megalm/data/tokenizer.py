@@ -110,6 +110,13 @@ def tokenizer_path(prefix: str | pathlib.Path) -> str:
     return f"{prefix}.tokenizer.json"
 
 
+def dataset_tokenizer(prefix) -> "Tokenizer | None":
+    """The tokenizer ``megalm preprocess`` saved beside the dataset at ``prefix``, or None."""
+    if prefix and pathlib.Path(tokenizer_path(prefix)).exists():
+        return load_tokenizer(tokenizer_path(prefix))
+    return None
+
+
 def padded_vocab_size(vocab_size: int, multiple: int = 128, tp: int = 1) -> int:
     """Round up to a multiple of ``multiple * tp`` (Megatron's --make-vocab-size-divisible-by).
 
@@ -121,14 +128,3 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128, tp: int = 1) -> int:
                         f"multiple={multiple}, tp={tp}")
     step = multiple * tp
     return -(-vocab_size // step) * step
-
-
-def resolve_vocab_size(configured: int | None, tokenizer_vocab: int, multiple: int = 128, tp: int = 1) -> int:
-    """The model's vocabulary: ``configured`` if set (and large enough), else the tokenizer's, padded."""
-    if configured is None:
-        return padded_vocab_size(tokenizer_vocab, multiple, tp)
-    if configured < tokenizer_vocab:
-        raise DataError(f"model.vocab_size={configured} is smaller than the tokenizer's vocabulary "
-                        f"{tokenizer_vocab}: set model.vocab_size >= {tokenizer_vocab}, or leave it unset to "
-                        f"use {padded_vocab_size(tokenizer_vocab, multiple, tp)}")
-    return configured

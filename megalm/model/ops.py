@@ -69,10 +69,6 @@ class Ops:
     swiglu: Callable
     _linear_cross_entropy: Callable
 
-    @property
-    def attention_impl(self) -> str:
-        return self.impls["attention"]
-
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
         if dropout_p > 0.0 or q.shape[2] != k.shape[2]:
             # The fused kernel has no dropout and no cache offset: both go to the reference.

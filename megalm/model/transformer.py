@@ -245,11 +245,14 @@ class ModelChunk(nn.Module):
         positions = torch.arange(start_pos, start_pos + seq_len, device=device)
         return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
+    @property
+    def head_weight(self):
+        """The LM head's (vocabulary-parallel) weight: the embedding's when tied."""
+        return self.embed.weight if self.cfg.tie_embeddings else self.head.weight
+
     def head_logits(self, h):
         """Vocabulary-parallel logits (B, T, V/tp) of the final hidden states."""
-        h = enter_tp(self.norm(h), self.tp, kind="lm_head")
-        weight = self.embed.weight if self.cfg.tie_embeddings else self.head.weight
-        return F.linear(h, weight)
+        return F.linear(enter_tp(self.norm(h), self.tp, kind="lm_head"), self.head_weight)
 
     def forward(self, x, targets=None, cache: Optional[dict] = None, start_pos: int = 0):
         """First chunk: x is tokens (B, T). Others: hidden states. Last chunk returns the mean loss when
@@ -263,8 +266,7 @@ class ModelChunk(nn.Module):
         if not self.last:
             return h
         if targets is not None and self.tp.size == 1:          # fused (never the full logits) or the reference
-            weight = self.embed.weight if self.cfg.tie_embeddings else self.head.weight
-            return self.ops.linear_cross_entropy(self.norm(h), weight, targets)
+            return self.ops.linear_cross_entropy(self.norm(h), self.head_weight, targets)
         logits = self.head_logits(h)
         if targets is None:
             return logits

@@ -37,28 +37,3 @@ def build_chunks(cfg: Config, topo: Topology, device: torch.device, init: bool =
             init_chunk(chunk, cfg.model, cfg.train.seed)
         chunks.append(chunk.to(device=device, dtype=dtype))
     return chunks
-
-
-def tied_embedding_params(chunks, topo: Topology) -> list:
-    """The embedding copies that tie the first stage's input to the last stage's head (pp > 1 only)."""
-    if topo.pp == 1:
-        return []
-    return [chunk.embed.weight for chunk in chunks
-            if hasattr(chunk, "embed") and chunk.cfg.tie_embeddings and (chunk.first or chunk.last)]
-
-
-def is_tied_copy(chunk, name: str, topo: Topology) -> bool:
-    """The last stage's copy of a tied embedding (pp > 1): the first stage's tensor, saved and counted there."""
-    return topo.pp > 1 and chunk.last and not chunk.first and name == "embed.weight"
-
-
-def counts_in_norm(chunk, name: str, param, topo: Topology) -> bool:
-    """Whether this rank's copy of ``param`` contributes to the global gradient norm.
-
-    TP shards all count (they are summed over the TP group); replicated tensors count on TP rank 0 only; the
-    last stage's copy of a tied embedding is the first stage's, counted there.
-    """
-    if is_tied_copy(chunk, name, topo):
-        return False
-    sharded = param.shard.dim is not None and param.shard.parts > 1
-    return sharded or topo.tp_rank == 0

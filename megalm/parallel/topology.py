@@ -11,26 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot work; the message names the numbers and the fix."""
-
-
-def check_layout(world_size: int, tp: int, pp: int, dp: int | None = None) -> int:
-    """Validate (tp, pp, dp) against the world size and return dp."""
-    for name, value in (("parallel.tp", tp), ("parallel.pp", pp)):
-        if value < 1:
-            raise LayoutError(f"{name}={value} must be at least 1")
-    if world_size % (tp * pp):
-        raise LayoutError(
-            f"world size {world_size} is not divisible by tp x pp = {tp} x {pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp")
-    derived = world_size // (tp * pp)
-    if dp is not None and dp != derived:
-        raise LayoutError(
-            f"world size {world_size} != tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp}; "
-            f"launch {tp * pp * dp} processes or set parallel.dp={derived}")
-    return derived
+from megalm.config.rules import data_parallel_size
 
 
 @dataclass
@@ -115,7 +96,7 @@ def build_topology(tp: int = 1, pp: int = 1, dp: int | None = None, sequence_par
     """Make the rank grid and every process group. All ranks must call this together (new_group is collective)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dp = check_layout(world, tp, pp, dp)
+    dp = data_parallel_size(world, tp, pp, dp)
     grid = torch.arange(world).view(pp, dp, tp)
     topo = Topology(tp=tp, pp=pp, dp=dp, rank=rank, grid=grid, sequence_parallel=sequence_parallel)
     if world == 1:

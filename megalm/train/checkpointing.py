@@ -3,44 +3,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megalm.checkpoint.load import CheckpointReader
+from megalm.checkpoint.load import CheckpointReader, verify_for_rank
+from megalm.checkpoint.manifest import layout_entry, new_manifest
 from megalm.checkpoint.save import save_checkpoint
 from megalm.config import Config
+from megalm.parallel.shard import writes_piece
 from megalm.parallel.topology import Topology
-
-
-def owns(topo: Topology, spec) -> bool:
-    """Data-parallel rank 0 writes; of a replicated tensor only tensor-parallel rank 0."""
-    if topo.dp_rank != 0:
-        return False
-    sharded = spec.dim is not None and spec.parts > 1
-    return sharded or topo.tp_rank == 0
 
 
 def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, tokenizer_file) -> None:
     with_optim = cfg.checkpoint.save_optimizer
-    owned = [(name, tensor, spec) for name, tensor, spec in engine.state_tensors(with_optim) if owns(topo, spec)]
+    owned = [(name, tensor, spec) for name, tensor, spec in engine.state_tensors(with_optim)
+             if writes_piece(spec, topo.tp_rank, topo.dp_rank)]
     p = cfg.parallel
-    meta = {
-        "config": cfg.to_dict(),
-        "layout": {"tp": p.tp, "pp": p.pp, "dp": topo.dp, "virtual_stages": p.virtual_stages,
-                   "sequence_parallel": p.sequence_parallel, "zero_stage": p.zero_stage,
-                   "engine": "deepspeed" if cfg.uses_deepspeed else "native"},
-        "data": {"prefix": cfg.data.prefix, "consumed_samples": consumed_samples},
-        "optimizer": {"name": cfg.optimizer.name, "step": engine.optimizer_step_count(),
-                      "has_state": with_optim},
-        "loss_scale": engine.loss_scale_state(),     # fp16 only; None otherwise
-        "rng": {"policy": "torch.manual_seed(train.seed + step) before every step"},
-    }
-    save_checkpoint(cfg.train.run_dir, step, owned, meta, tokenizer_file, cfg.checkpoint.keep)
+    layout = layout_entry(p.tp, p.pp, topo.dp, p.virtual_stages, p.sequence_parallel, p.zero_stage,
+                          "deepspeed" if cfg.uses_deepspeed else "native")
+    manifest = new_manifest(step, cfg.to_dict(), layout, cfg.data.prefix, consumed_samples, cfg.optimizer.name,
+                            engine.optimizer_step_count(), with_optim, engine.loss_scale_state())
+    save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep)
     if cfg.checkpoint.deepspeed_native:                     # collective, like DeepSpeed's save_checkpoint
-        engine.save_deepspeed_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")
+        engine.save_native_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")
 
 
 def restore(engine, reader: CheckpointReader, weights_only: bool = False) -> tuple[int, int]:
-    """Load weights (and optimizer state when saved) resharded for this rank; return (step, consumed).
-    ``weights_only``: a fresh start from these weights (fine-tuning): step 0, data from the beginning."""
+    """Verify the files this rank reads (all ranks agree), then load weights (and optimizer state when saved)
+    resharded for this rank; return (step, consumed). ``weights_only``: a fresh start from these weights
+    (fine-tuning): step 0, data from the beginning."""
     m = reader.manifest
+    with_optimizer = not weights_only and m["optimizer"]["has_state"]
+    verify_for_rank(reader, engine.shard_specs(), engine.topo.dp_rank, engine.topo.dp, with_optimizer)
     if weights_only:
         engine.load_state_tensors(reader.read, 0, False)
         return 0, 0

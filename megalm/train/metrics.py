@@ -59,12 +59,16 @@ class MetricsLogger:
             print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
                   f"| {tokens_per_s:,.0f} tok/s | ETA {_fmt(eta)}{fp16}", flush=True)
 
-    def evaluation(self, step: int, split: str, loss: float) -> None:
+    def evaluation(self, step: int, split: str, loss: float, samples: int, record: bool = True) -> None:
+        """``record`` False: printed only (a finished run, rerun, evaluates again but adds no rows)."""
         ppl = math.exp(min(loss, 50.0))
         prefix = "val" if split == "valid" else split
-        self.log({"step": step, f"{prefix}_loss": loss, f"{prefix}_ppl": ppl})
+        if record:
+            self.log({"step": step, f"{prefix}_loss": loss, f"{prefix}_ppl": ppl})
         if self.enabled:
-            print(f"step {step:>6} | {split} loss {loss:.4f} | {split} perplexity {ppl:.2f}", flush=True)
+            note = "" if record else " (run already finished: not recorded again)"
+            print(f"step {step:>6} | {split} loss {loss:.4f} | {split} perplexity {ppl:.2f} "
+                  f"({samples} samples of the {split} split, train.eval_samples){note}", flush=True)
 
     def close(self) -> None:
         if self.enabled:

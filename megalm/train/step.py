@@ -42,10 +42,10 @@ def global_mean(value: float, topo: Topology, device) -> float:
     return float(t)
 
 
-def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int, stats=None):
+def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int):
     """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm)."""
     fwd, bwd = _callbacks(engine, p2p, micro_batches)
-    losses = SCHEDULES[schedule](p2p, len(micro_batches), len(engine.chunks), fwd, bwd, stats)
+    losses = SCHEDULES[schedule](p2p, len(micro_batches), len(engine.chunks), fwd, bwd)
     local = float(sum(loss.double() for loss in losses)) if losses else 0.0
     loss = global_mean(local, topo, p2p.device)
     if not math.isfinite(loss):

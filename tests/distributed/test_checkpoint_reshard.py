@@ -12,7 +12,7 @@ import torch
 from megalm.checkpoint.format import latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader
 from megalm.config import load_config
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
 from megalm.train.loop import train
 from megalm.train.metrics import read_metrics
 from tests.conftest import tiny_overrides
@@ -71,3 +71,56 @@ def test_resume_in_another_layout_continues_exactly(tiny_corpus, saved, tmp_path
     assert final_b.manifest["layout"]["tp"] == layout.get("parallel.tp", 1)
     for name in final_a.manifest["tensors"]:
         torch.testing.assert_close(final_b.read(name), final_a.read(name), rtol=1e-5, atol=1e-6)
+
+
+def _restore_and_count(rank, world, overrides, queue):
+    """Resume this layout's engine from the run dir; report the bytes this rank hashed (or the error it raised)."""
+    from megalm.checkpoint.format import CheckpointError
+    from megalm.engine import build_engine
+    from megalm.train.checkpointing import restore
+    from megalm.train.loop import prepare
+
+    cfg, rt, reader, _ = prepare(load_config(None, overrides))
+    engine = build_engine(cfg, rt.topo, rt.device, init=False)
+    try:
+        restore(engine, reader)
+        queue.put((rank, reader.bytes_hashed, None))
+    except CheckpointError as e:
+        queue.put((rank, reader.bytes_hashed, str(e)))
+
+
+def restore_on_four(tiny_corpus, run_dir, layout):
+    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    run_distributed(_restore_and_count, 4, tiny_overrides(tiny_corpus, run_dir, **{**LAYOUT, **layout}), queue)
+    return sorted(queue.get() for _ in range(4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,share", [({"parallel.tp": 2, "parallel.pp": 2}, 0.6),
+                                          ({"parallel.tp": 2, "parallel.dp": 2}, 0.35)], ids=["tp2-pp2", "tp2-dp2"])
+def test_resume_hashes_what_each_rank_reads_not_the_whole_checkpoint(tiny_corpus, saved, tmp_path, layout, share):
+    """Each rank hashes only the files holding its slices, shared out among data-parallel replicas that read the
+    same files, so the bytes hashed per rank do not grow with the world size (before: every rank hashed every
+    file). tp2-pp2: a rank reads its own shard, and the last stage the first stage's tied embedding too; tp2-dp2:
+    a rank's two files (both stages of its tp index) are split between its two replicas."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved / "saved", run_dir)
+    folder = latest_checkpoint(run_dir)
+    whole = sum((folder / name).stat().st_size for name in CheckpointReader(folder, verify=False).manifest["files"])
+    results = restore_on_four(tiny_corpus, run_dir, layout)
+    assert all(error is None for _, _, error in results), results
+    hashed = [count for _, count, _ in results]
+    assert all(0 < count <= share * whole for count in hashed), (hashed, whole)
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_is_named_by_every_rank_before_any_weight_is_used(tiny_corpus, saved, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved / "saved", run_dir)
+    shard = latest_checkpoint(run_dir) / "shard-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    results = restore_on_four(tiny_corpus, run_dir, {"parallel.tp": 2, "parallel.pp": 2})
+    errors = {error for _, _, error in results}
+    assert len(errors) == 1 and "shard-00003.safetensors does not match its sha256" in errors.pop()

@@ -3,7 +3,8 @@
 Every run trains the tiny model from the same layout-free initialisation on the same data; 2 or 4 gloo processes
 under DeepSpeed must reproduce the single-process native engine's loss curve (relative 1e-5) and final weights
 (read back from both runs' layout-free checkpoints). SGD with active clipping catches gradient-scale errors
-that AdamW would hide (see /work/shared/notes/pipeline-with-deepspeed.md); AdamW is the curve the issue names.
+(a loss divided by the accumulation count twice, say) that AdamW's normalised steps would hide; AdamW is the
+curve the issue names.
 """
 import json
 
@@ -13,7 +14,7 @@ import torch
 from megalm.checkpoint.format import latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader
 from megalm.config import ConfigError, load_config
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
 from megalm.train.loop import train
 from megalm.train.metrics import read_metrics
 from tests.conftest import tiny_overrides
@@ -97,10 +98,11 @@ def test_zero_sgd_with_clipping_equals_one_process(tiny_corpus, tmp_path, native
 
 def _tp_dp_zero3(rank, world, overrides):
     """Check first that zero.Init left each rank with ~1/(tp x dp) of the model, then train."""
-    from megalm.engine import build_deepspeed_chunks
+    from megalm.config import resolve
+    from megalm.engine.deepspeed.zero3 import build_deepspeed_chunks
     from megalm.parallel.topology import build_topology
 
-    cfg = load_config(None, overrides + ["model.vocab_size=512"])
+    cfg = resolve(load_config(None, overrides + ["model.vocab_size=512"]), world)
     topo = build_topology(cfg.parallel.tp, cfg.parallel.pp)
     chunks = build_deepspeed_chunks(cfg, topo, torch.device("cpu"))
     held = sum(p.ds_tensor.numel() for c in chunks for p in c.parameters())
@@ -173,17 +175,18 @@ def test_bf16_trains_and_stays_near_fp32(tiny_corpus, tmp_path, native, stage, p
 
 def _checkpointing_grads(rank, world, overrides, out):
     """One forward/backward of the same batch under ZeRO-3 with each activation-checkpointing mode."""
-    from megalm.engine import DeepSpeedEngine, build_deepspeed_chunks, import_deepspeed
+    from megalm.config import resolve
+    from megalm.engine import build_engine
+    from megalm.engine.deepspeed.compat import import_deepspeed
     from megalm.parallel.topology import build_topology
 
     utils = import_deepspeed().utils
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(rank))
     grads = {}
     for mode in ("none", "full", "selective"):
-        cfg = load_config(None, overrides + [f"parallel.activation_checkpointing={mode}"])
+        cfg = resolve(load_config(None, overrides + [f"parallel.activation_checkpointing={mode}"]), world)
         topo = build_topology()
-        engine = DeepSpeedEngine(cfg, topo, build_deepspeed_chunks(cfg, topo, torch.device("cpu")),
-                                 torch.device("cpu"))
+        engine = build_engine(cfg, topo, torch.device("cpu"))
         engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]) / 2)
         engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]) / 2)
         grads[mode] = {n: utils.safe_get_full_grad(p).clone() for n, p, _ in engine.named}
@@ -209,7 +212,7 @@ def test_memory_bench_zero3_bf16_equals_formula():
     """`megalm bench memory` for ZeRO-3 bf16 on 2 ranks: each rank's parameters, gradients, fp32 masters and
     Adam moments equal the ZeRO formula to the byte, the buckets are zero3.json's reduce_bucket_size x 2 bytes,
     and the garbage collector's count of every live tensor storage leaves under 1 KiB unexplained."""
-    from megalm.bench_memory import STATES, formula, measure
+    from megalm.bench.memory import STATES, formula, measure
 
     ranks = measure(3, "bf16", world=2)
     psi = ranks[0]["psi"]
@@ -231,7 +234,7 @@ def test_megalm_selects_deepspeeds_cpu_accelerator_itself():
     import sys
 
     script = ("import os; assert 'DS_ACCELERATOR' not in os.environ\n"
-              "from megalm.engine import import_deepspeed\n"
+              "from megalm.engine.deepspeed.compat import import_deepspeed\n"
               "deepspeed = import_deepspeed()\n"
               "print(os.environ.get('DS_ACCELERATOR'), deepspeed.accelerator.get_accelerator()._name)\n")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
@@ -242,45 +245,54 @@ def test_megalm_selects_deepspeeds_cpu_accelerator_itself():
 
 # ---- configuration rules: no processes needed ----------------------------------------------------------
 
-def _cfg(tmp_path, **extra):
-    return load_config(None, tiny_overrides("unused", tmp_path, **{"model.vocab_size": 512, **extra}))
+def _cfg(tmp_path, unset=(), **extra):
+    """The tiny config; ``unset``: keys left out, so the user never set them."""
+    items = tiny_overrides("unused", tmp_path, **{"model.vocab_size": 512, **extra})
+    return load_config(None, [i for i in items if i.partition("=")[0] not in unset])
+
+
+def _resolved(cfg, dp):
+    """What a launch of dp processes resolves, and the DeepSpeed dict it then hands to deepspeed.initialize."""
+    from megalm.config import resolve
+    from megalm.engine.deepspeed.config import deepspeed_config_dict
+
+    resolved = resolve(cfg, dp, cuda=False)
+    return resolved, deepspeed_config_dict(resolved, dp)
+
+
+BATCH = ("train.micro_batch_size", "train.global_batch_size")
 
 
 def test_user_json_batch_mismatch_names_all_four(tmp_path):
-    from megalm.engine import resolve_deepspeed_config
-
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}))
     with pytest.raises(ConfigError) as err:
-        resolve_deepspeed_config(_cfg(tmp_path, **{"parallel.deepspeed_config": path}), dp=2)
+        _resolved(_cfg(tmp_path, **{"parallel.deepspeed_config": path}), dp=2)
     for word in ("train_batch_size=16", "micro batch", "gradient accumulation", "dp=2"):
         assert word in str(err.value)
 
 
 def test_user_json_fills_and_megalm_fills_the_rest(tmp_path):
-    from megalm.engine import resolve_deepspeed_config
-
-    cfg = _cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero3_offload.json"})
-    ds = resolve_deepspeed_config(cfg, dp=2)
+    cfg, ds = _resolved(_cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero3_offload.json"}), 2)
     assert cfg.parallel.zero_stage == 3 and cfg.parallel.zero_offload
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
         (4, 2, 1)
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == cfg.train.grad_clip
     for name in ("zero1", "zero2", "zero3"):
-        cfg = _cfg(tmp_path, **{"parallel.deepspeed_config": f"configs/deepspeed/{name}.json"})
-        assert resolve_deepspeed_config(cfg, dp=1)["zero_optimization"]["stage"] == int(name[-1])
+        _, ds = _resolved(_cfg(tmp_path, **{"parallel.deepspeed_config": f"configs/deepspeed/{name}.json"}), 1)
+        assert ds["zero_optimization"]["stage"] == int(name[-1])
     with pytest.raises(ConfigError, match="zero_stage=2"):
-        resolve_deepspeed_config(_cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero3.json",
-                                                   "parallel.zero_stage": 2}), dp=1)
+        _resolved(_cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero3.json",
+                                    "parallel.zero_stage": 2}), 1)
 
 
 def test_buckets_follow_the_model_unless_the_json_names_them(tmp_path):
-    from megalm.engine import bucket_elements, resolve_deepspeed_config
+    from megalm.engine.deepspeed.config import bucket_elements
     from megalm.flops import matmul_params
 
-    cfg = _cfg(tmp_path, **{"parallel.zero_stage": 1})
-    zero = resolve_deepspeed_config(cfg, dp=2)["zero_optimization"]
+    _, ds = _resolved(_cfg(tmp_path, **{"parallel.zero_stage": 1, "train.global_batch_size": 8}), 2)
+    zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1_000_000    # tiny: the 4 MB floor
     big = load_config("llama-7b", ["model.vocab_size=32000", "parallel.tp=2"])
     assert sum(matmul_params(big.model).values()) // 2 > 50_000_000
@@ -288,39 +300,35 @@ def test_buckets_follow_the_model_unless_the_json_names_them(tmp_path):
     mid = load_config(None, ["model.vocab_size=32000", "model.hidden_size=512", "model.num_layers=4",
                              "model.num_heads=8"])
     assert bucket_elements(mid) == sum(matmul_params(mid.model).values())                # the model's share
-    json_cfg = _cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero1.json"})
-    assert resolve_deepspeed_config(json_cfg, dp=2)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    _, ds = _resolved(_cfg(tmp_path, **{"parallel.deepspeed_config": "configs/deepspeed/zero1.json",
+                                        "train.global_batch_size": 8}), 2)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
 
 
 def test_fp16_on_cpu_says_use_bf16(tmp_path):
-    from megalm.engine import build_deepspeed_chunks
-    from megalm.parallel.topology import Topology
+    from megalm.config import resolve
 
-    cfg = _cfg(tmp_path, **{"train.precision": "fp16", "parallel.zero_stage": 1})
-    with pytest.raises(ValueError, match="train.precision=bf16"):
-        build_deepspeed_chunks(cfg, Topology(), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.precision=bf16"):
+        resolve(_cfg(tmp_path, **{"train.precision": "fp16", "parallel.zero_stage": 1}), 1, cuda=False)
 
 
 def test_fp16_loss_scaling_settings_reach_deepspeed(tmp_path):
-    from megalm.engine import resolve_deepspeed_config
+    from megalm.engine.deepspeed.config import deepspeed_config_dict
 
     cfg = _cfg(tmp_path, **{"train.precision": "fp16", "parallel.zero_stage": 1, "train.initial_loss_scale": 1024,
                             "train.loss_scale_window": 50})
-    fp16 = resolve_deepspeed_config(cfg, dp=1)["fp16"]
+    fp16 = deepspeed_config_dict(cfg, dp=1)["fp16"]           # the dict only: resolving fp16 needs a GPU
     assert fp16["enabled"] and fp16["loss_scale"] == 0            # dynamic
     assert (fp16["initial_scale_power"], fp16["loss_scale_window"], fp16["hysteresis"]) == (10, 50, 1)
 
 
-def _defaults_cfg(tmp_path, user: dict, **extra):
-    """A config whose train.micro_batch_size/global_batch_size are the dataclass defaults, and a user JSON."""
-    from megalm.config import TrainConfig
-
+def _json_cfg(tmp_path, user: dict, **extra):
+    """A config that leaves train.micro_batch_size/global_batch_size unset unless ``extra`` sets them, and a
+    user JSON."""
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    default = TrainConfig()
-    return _cfg(tmp_path, **{"train.micro_batch_size": default.micro_batch_size,
-                             "train.global_batch_size": default.global_batch_size,
-                             "parallel.deepspeed_config": path, **extra})
+    return _cfg(tmp_path, unset=[k for k in BATCH if k not in extra],
+                **{"parallel.deepspeed_config": path, **extra})
 
 
 @pytest.mark.parametrize("user,extra,want", [
@@ -335,16 +343,12 @@ def _defaults_cfg(tmp_path, user: dict, **extra):
     ({"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2},
      {"train.micro_batch_size": 2, "train.global_batch_size": 4}, (4, 2, 1)),  # explicit and agreeing
 ])
-def test_user_json_batch_keys_adopted_over_defaults(tmp_path, user, extra, want):
-    """A self-consistent JSON's batch keys replace megalm's defaults, in the DeepSpeed dict and in cfg (which the
-    data sampler reads), so micro x accumulation x dp = train batch on both sides."""
-    from megalm.engine import resolve_deepspeed_config
-
-    cfg = _defaults_cfg(tmp_path, user, **extra)
-    ds = resolve_deepspeed_config(cfg, dp=2)
+def test_user_json_batch_keys_adopted_where_unset(tmp_path, user, extra, want):
+    """A self-consistent JSON's batch keys fill what the user did not set, in the DeepSpeed dict and in the
+    resolved config (which the data sampler reads), so micro x accumulation x dp = train batch on both sides."""
+    cfg, ds = _resolved(_json_cfg(tmp_path, user, **extra), dp=2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == want
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.grad_accumulation_steps(2)) == want
-    assert resolve_deepspeed_config(cfg, dp=2)["train_batch_size"] == want[0]       # a second call agrees
 
 
 @pytest.mark.parametrize("user,extra,numbers", [
@@ -356,27 +360,25 @@ def test_user_json_batch_keys_adopted_over_defaults(tmp_path, user, extra, want)
      ("train_batch_size=16 but train.global_batch_size=4", "micro batch 2", "gradient accumulation 4", "dp=2")),
     ({"train_micro_batch_size_per_gpu": 4}, {"train.micro_batch_size": 2},
      ("train_micro_batch_size_per_gpu=4 but train.micro_batch_size=2",)),
+    # the defect of old: a micro batch set explicitly to the default's value (8) was silently replaced
+    ({"train_micro_batch_size_per_gpu": 4}, {"train.micro_batch_size": 8},
+     ("train_micro_batch_size_per_gpu=4 but train.micro_batch_size=8 (set in the config)",)),
 ])
 def test_user_json_batch_contradiction_names_the_numbers(tmp_path, user, extra, numbers):
-    """Only a real contradiction is refused: a JSON at odds with itself, or with a value megalm was given."""
-    from megalm.engine import resolve_deepspeed_config
-
-    cfg = _defaults_cfg(tmp_path, user, **extra)
+    """Only a real contradiction is refused: a JSON at odds with itself, or with a value the user set."""
     with pytest.raises(ConfigError) as err:
-        resolve_deepspeed_config(cfg, dp=2)
+        _resolved(_json_cfg(tmp_path, user, **extra), dp=2)
     for text in numbers + ("train.global_batch_size=", "train.micro_batch_size="):
         assert text in str(err.value), (text, str(err.value))
 
 
 def test_json_batch_sizes_count_in_validation_before_the_launch(tmp_path):
     """At dp=2, megalm's default batch (micro 8, global 8) is invalid on its own; the JSON's 16 = 2 x 4 x 2 is
-    adopted before validation, so the run starts (runtime.start calls adopt_deepspeed_json first)."""
-    from megalm.runtime import adopt_deepspeed_json
+    adopted during resolution, before the rule book checks the batch, so the run starts."""
+    from megalm.config.rules import validate
 
     user = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}
     with pytest.raises(ConfigError, match="not divisible"):
-        _defaults_cfg(tmp_path, user).validate(2)
-    cfg = _defaults_cfg(tmp_path, user)
-    adopt_deepspeed_json(cfg, 2)
-    cfg.validate(2)
+        validate(_json_cfg(tmp_path, user), 2)
+    cfg, _ = _resolved(_json_cfg(tmp_path, user), 2)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (16, 2)

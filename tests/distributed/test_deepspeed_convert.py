@@ -5,25 +5,26 @@ import torch
 from megalm.checkpoint.deepspeed import convert_deepspeed_checkpoint
 from megalm.checkpoint.load import CheckpointReader
 from megalm.config import load_config
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
 from tests.conftest import tiny_overrides
 
 
 def _train_and_save(rank, world, overrides, ds_dir):
     """Three optimizer steps under DeepSpeed, then DeepSpeed's native ZeRO checkpoint and megalm's own."""
-    from megalm.engine import DeepSpeedEngine, build_deepspeed_chunks
+    from megalm.config import resolve
+    from megalm.engine import build_engine
     from megalm.parallel.topology import build_topology
     from megalm.train.checkpointing import save
 
-    cfg = load_config(None, overrides)
+    cfg = resolve(load_config(None, overrides), world)
     topo = build_topology(cfg.parallel.tp)
-    engine = DeepSpeedEngine(cfg, topo, build_deepspeed_chunks(cfg, topo, torch.device("cpu")), torch.device("cpu"))
+    engine = build_engine(cfg, topo, torch.device("cpu"))
     gen = torch.Generator().manual_seed(topo.dp_rank)          # the same batch on every tp rank of a dp rank
     for _ in range(3):
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=gen)
         engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]))
         engine.step(1e-2)
-    engine.save_deepspeed_checkpoint(ds_dir, tag="step3")
+    engine.save_native_checkpoint(ds_dir, tag="step3")
     save(engine, cfg, topo, 3, 0, None)
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from megalm.config import ConfigError, load_config
+from megalm.config.rules import validate
+from megalm.engine.loss_scale import DynamicLossScaler
 from megalm.parallel.topology import build_topology
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
 from megalm.train.loop import train
-from megalm.train.loss_scale import DynamicLossScaler
 from megalm.train.metrics import read_metrics
 from tests.conftest import tiny_overrides
 
@@ -40,25 +41,23 @@ def test_scaler_halves_on_overflow_and_doubles_after_a_clean_window():
 
 def test_initial_loss_scale_must_be_a_power_of_two(tiny_corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"train.initial_loss_scale=1000.0 must be a power of two"):
-        load_config(None, tiny_overrides(tiny_corpus, tmp_path, **{"train.initial_loss_scale": 1000})).validate()
+        validate(load_config(None, tiny_overrides(tiny_corpus, tmp_path, **{"train.initial_loss_scale": 1000})))
 
 
 def _overflow_on_rank_one(rank, world, overrides, queue):
     """One forward/backward, then an inf planted in one gradient on rank 1 only; report what step() did."""
-    from megalm.parallel.parallelize import build_chunks
-    from megalm.parallel.pipeline.p2p import P2P
-    from megalm.runtime import dataset_tokenizer, start
-    from megalm.train.loop import activation_dtype, message_shape
-    from megalm.train.native import NativeEngine
+    from megalm.engine import build_engine
+    from megalm.parallel.pipeline.p2p import P2P, activation_shape
+    from megalm.train.loop import prepare
     from megalm.train.step import train_step
 
-    cfg = load_config(None, overrides)
-    rt = start(cfg, dataset_tokenizer(cfg))
-    chunks = build_chunks(cfg, rt.topo, rt.device)
-    engine = NativeEngine(cfg, rt.topo, chunks, rt.device)
+    cfg, rt, _, _ = prepare(load_config(None, overrides))
+    engine = build_engine(cfg, rt.topo, rt.device)
+    chunks = engine.chunks
     torch.manual_seed(0)                                        # the same tokens on every rank
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
-    p2p = P2P(rt.topo, message_shape(cfg, rt), activation_dtype(cfg), rt.device, num_chunks=len(chunks))
+    shape = activation_shape(cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size, rt.topo)
+    p2p = P2P(rt.topo, shape, engine.activation_dtype, rt.device, num_chunks=len(chunks))
     before = [p.detach().clone() for p in engine.params()]
     real_step = engine.step
 

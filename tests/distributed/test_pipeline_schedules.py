@@ -21,10 +21,10 @@ from megalm.parallel.pipeline import (
     autograd_backward_step,
     partition_layers,
     sum_tied_gradients,
-    validate_pipeline,
 )
 from megalm.parallel.topology import build_topology
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
+from tests.conftest import validate_pipeline
 
 V, H, B, S, L = 11, 8, 2, 4, 8   # vocab, hidden, micro-batch, sequence, layers
 TOL = dict(rtol=1e-5, atol=1e-7)

@@ -1,10 +1,13 @@
-"""Layer partitioning, layout validation and message shapes of the pipeline (no processes needed)."""
+"""Layer partitioning, the pipeline's rules in the rule book, and message shapes (no processes needed)."""
 from __future__ import annotations
 
 import pytest
 
-from megalm.parallel.pipeline import activation_shape, partition_layers, validate_pipeline
+from megalm.config import ConfigError, load_config
+from megalm.config.rules import validate
+from megalm.parallel.pipeline import activation_shape, partition_layers
 from megalm.parallel.topology import Topology
+from tests.conftest import validate_pipeline
 
 
 def test_even_partition_and_megatron_interleaving():
@@ -28,8 +31,9 @@ def test_explicit_partition_in_pipeline_order():
     (dict(num_layers=6, pp=2, virtual_stages=2, num_microbatches=4), ["num_layers=6", "2 x 2 = 4"]),
     (dict(num_layers=8, pp=2, virtual_stages=2, num_microbatches=3), ["num_microbatches=3", "e.g. 4"]),
     (dict(num_layers=8, pp=4, virtual_stages=2, num_microbatches=2), ["num_microbatches=2", "multiple of 4"]),
-    (dict(num_layers=8, pp=2, virtual_stages=1, num_microbatches=4, explicit=[8]), ["1 entries", "2"]),
-    (dict(num_layers=8, pp=2, virtual_stages=1, num_microbatches=4, explicit=[3, 4]), ["sums to 7", "8"]),
+    (dict(num_layers=8, pp=2, virtual_stages=1, num_microbatches=4, explicit=[8]), ["must list 2 counts"]),
+    (dict(num_layers=8, pp=2, virtual_stages=1, num_microbatches=4, explicit=[3, 4]),
+     ["sum to 7", "num_layers=8"]),
     (dict(num_layers=8, pp=2, virtual_stages=1, num_microbatches=4, explicit=[9, -1]), ["non-negative"]),
     (dict(num_layers=8, pp=2, virtual_stages=1, num_microbatches=0), ["num_microbatches=0"]),
     (dict(num_layers=8, pp=2, virtual_stages=2, num_microbatches=4, schedule="1f1b"), ["virtual_stages=1"]),
@@ -56,5 +60,6 @@ def test_sequence_parallel_sends_the_shard():
     topo = Topology(tp=2, pp=2, sequence_parallel=True)
     assert activation_shape(4, 16, 32, topo) == (4, 8, 32)
     assert activation_shape(4, 16, 32, Topology(tp=2, pp=2)) == (4, 16, 32)
-    with pytest.raises(ValueError, match="seq_len=15"):
-        activation_shape(4, 15, 32, topo)
+    with pytest.raises(ConfigError, match="seq_len=15"):       # refused by the rule book before any message
+        validate(load_config(None, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+                                    "data.seq_len=15", "model.max_seq_len=16", "model.num_layers=4"]), 4)

@@ -30,7 +30,6 @@ from megalm.parallel.tensor import (
     copy_to_tp,
     gather_from_sequence,
     gather_from_tp_last_dim,
-    load_master_,
     reduce_from_tp,
     reduce_grad_over_tp,
     reduce_scatter_to_sequence,
@@ -38,7 +37,8 @@ from megalm.parallel.tensor import (
     vocab_parallel_cross_entropy,
 )
 from megalm.parallel.topology import TensorParallel, build_topology
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
+from tests.conftest import load_masters
 
 B, T = 2, 4          # T divisible by every tested tp
 IN, OUT, V = 8, 12, 16     # all divisible by every tested tp
@@ -103,14 +103,14 @@ def check_reduce_grad_over_tp(tp, sp):
 
 def check_column_parallel_linear(tp, sp):
     ref = nn.Linear(IN, OUT)
-    load_master_(ref, {"weight": _rand(OUT, IN, seed=4), "bias": _rand(OUT, seed=5)})
+    load_masters(ref, {"weight": _rand(OUT, IN, seed=4), "bias": _rand(OUT, seed=5)})
     X, G = _rand(B, T, IN, seed=6), _rand(B, T, OUT, seed=7)
     x_ref = X.clone().requires_grad_()
     (ref(x_ref) * G).sum().backward()
     for handle in (tp, sp):
         for gather_output in (False, True):
             layer = ColumnParallelLinear(IN, OUT, handle, gather_output=gather_output)
-            layer.load_master_(dict(ref.named_parameters()))
+            load_masters(layer, dict(ref.named_parameters()))
             x = _seq(X, handle).clone().requires_grad_()
             y = layer(x)
             expected = ref(X) if gather_output else _mine(ref(X), handle, -1)
@@ -123,14 +123,14 @@ def check_column_parallel_linear(tp, sp):
 
 def check_row_parallel_linear(tp, sp):
     ref = nn.Linear(OUT, IN)
-    load_master_(ref, {"weight": _rand(IN, OUT, seed=8), "bias": _rand(IN, seed=9)})
+    load_masters(ref, {"weight": _rand(IN, OUT, seed=8), "bias": _rand(IN, seed=9)})
     X, G = _rand(B, T, OUT, seed=10), _rand(B, T, IN, seed=11)
     x_ref = X.clone().requires_grad_()
     y_ref = ref(x_ref)
     (y_ref * G).sum().backward()
     for handle in (tp, sp):
         layer = RowParallelLinear(OUT, IN, handle)
-        layer.load_master_(dict(ref.named_parameters()))
+        load_masters(layer, dict(ref.named_parameters()))
         x = _mine(X, handle, -1).clone().requires_grad_()
         y = layer(x)
         _close(y, _seq(y_ref, handle).detach())
@@ -142,14 +142,14 @@ def check_row_parallel_linear(tp, sp):
 
 def check_vocab_parallel_embedding(tp, sp):
     ref = nn.Embedding(V, IN)
-    load_master_(ref, {"weight": _rand(V, IN, seed=12)})
+    load_masters(ref, {"weight": _rand(V, IN, seed=12)})
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(13))
     G = _rand(B, T, IN, seed=14)
     y_ref = ref(ids)
     (y_ref * G).sum().backward()
     for handle in (tp, sp):
         layer = VocabParallelEmbedding(V, IN, handle)
-        layer.load_master_(dict(ref.named_parameters()))
+        load_masters(layer, dict(ref.named_parameters()))
         y = layer(ids)
         _close(y, _seq(y_ref, handle).detach())
         (y * _seq(G, handle)).sum().backward()
@@ -236,7 +236,7 @@ def check_tiny_lm_and_comm_counts(tp, sp, counts):
     for handle in (tp, sp):
         handle = dataclasses.replace(handle, comm=CommStats())
         model = _TinyLM(handle)
-        load_master_(model, ref.state_dict())
+        load_masters(model, ref.state_dict())
         loss = model(ids, targets)
         loss.backward()
         _close(loss, ref(ids, targets).detach())
@@ -288,7 +288,7 @@ def test_matches_single_device(check, world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_comm_counts_match_formula(world_size, sequence_parallel):
-    """One training step moves 8*b*s*h*(t-1)/t elements per layer in the TP regions (anchors.md), and the
+    """One training step moves 8*b*s*h*(t-1)/t elements per layer in the TP regions, and the
     embedding, LM head, loss and replicated-gradient collectives are counted apart under their own kinds."""
     t, bsh, e = world_size, B * T * IN, Fraction(world_size - 1, world_size)
     expected = {

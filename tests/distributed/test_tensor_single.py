@@ -20,7 +20,6 @@ from megalm.parallel.tensor import (
     copy_to_tp,
     gather_from_sequence,
     gather_from_tp_last_dim,
-    load_master_,
     reduce_from_tp,
     reduce_grad_over_tp,
     reduce_scatter_to_sequence,
@@ -29,6 +28,7 @@ from megalm.parallel.tensor import (
     vocab_parallel_cross_entropy,
 )
 from megalm.parallel.topology import TensorParallel
+from tests.conftest import load_masters
 
 B, T, IN, OUT, V = 2, 4, 8, 12, 16
 
@@ -50,13 +50,13 @@ def test_size_one_bypasses_communication():
         assert fn(x, tp) is x
     ref = nn.Linear(IN, OUT)
     col = ColumnParallelLinear(IN, OUT, tp, gather_output=True)
-    col.load_master_(dict(ref.named_parameters()))
+    load_masters(col, dict(ref.named_parameters()))
     row = RowParallelLinear(OUT, IN, tp)
-    row.load_master_({"weight": ref.weight.T, "bias": torch.zeros(IN)})
+    load_masters(row, {"weight": ref.weight.T, "bias": torch.zeros(IN)})
     _close(col(x), ref(x))
     _close(row(ref(x)), ref(x) @ ref.weight)
     emb, ids = VocabParallelEmbedding(V, IN, tp), torch.arange(V).view(2, V // 2)
-    emb.load_master_({"weight": _rand(V, IN)})
+    load_masters(emb, {"weight": _rand(V, IN)})
     _close(emb(ids), _rand(V, IN)[ids])
     logits, targets = _rand(3, V, seed=2), torch.tensor([1, -100, 11])
     expected = F.cross_entropy(logits, targets, reduction="none")
@@ -85,10 +85,10 @@ def test_shard_spec_take_and_global_shape():
     with pytest.raises(ValueError, match="cannot cut dim 1"):
         ShardSpec(1, 4, 0).take(master)
     layer = ColumnParallelLinear(6, 4, TensorParallel(size=2, rank=1))
-    load_master_(layer, {"weight": master, "bias": torch.arange(4.0)})
+    load_masters(layer, {"weight": master, "bias": torch.arange(4.0)})
     assert torch.equal(layer.weight, master[2:]) and torch.equal(layer.bias, torch.tensor([2.0, 3.0]))
-    with pytest.raises(ValueError, match="does not fit"):
-        load_master_(layer, {"weight": master.T, "bias": torch.arange(4.0)})
+    with pytest.raises(ValueError, match="cannot cut dim 0"):          # a master of another shape
+        layer.weight.shard.take(torch.zeros(5, 6))
 
 
 def test_comm_stats_counts_exactly():

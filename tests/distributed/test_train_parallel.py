@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megalm.config import ConfigError, load_config
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
 from megalm.train.loop import train
 from megalm.train.metrics import read_metrics
 from tests.conftest import tiny_overrides
@@ -76,7 +76,7 @@ def _generate(rank, world, run_dir, layout, queue):
     seen, sample = [], generate.sample_next
     generate.sample_next = lambda logits, *args: (seen.append(logits.clone()), sample(logits, *args))[1]
     cfg, reader = checkpoint_config(run_dir, layout)
-    rt, engine = load_model(cfg, reader)
+    rt, cfg, engine = load_model(cfg, reader)
     ids = generate.generate_ids(engine, rt.topo, [5, 6, 7], 12, temperature=0.0, valid_vocab=cfg.model.vocab_size)
     # Logits exist where the last stage runs; they go through a file, as a queue's pipe would block on them.
     logits_file = None

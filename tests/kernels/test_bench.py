@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import torch
-from megalm.kernels import bench
 from megalm.kernels.utils import interpreting, triton_available
+
+from megalm.bench import kernels as bench
 
 
 def test_bench_runs_references_on_cpu(tmp_path, capsys):
@@ -22,9 +23,12 @@ def test_bench_runs_references_on_cpu(tmp_path, capsys):
     assert {(r["mode"], r["causal"], r["head_dim"]) for r in rows if r["kind"] == "attention"} == {
         (m, c, d) for m in ("fwd", "fwd+bwd") for c in (False, True) for d in (64, 128)}
     assert peaks["matmul_tflops"] > 0 and peaks["copy_gbps"] > 0
-    for name in ("bench.csv", "bench.json", "bench.png"):
+    for name in ("bench.csv", "bench_kernels.json", "bench_kernels.png"):
         assert (tmp_path / name).stat().st_size > 0
-    meta = json.loads((tmp_path / "bench.json").read_text())
+    record = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert record["schema"] == "megalm-bench/1" and record["name"] == "kernels"
+    assert record["environment"]["torch"] == torch.__version__
+    meta = record["results"]
     assert meta["references_only"] is True and len(meta["rows"]) == len(rows)
     assert meta["attention_tiles"] == []                  # no Triton attention ran, so nothing was tuned
 
@@ -39,7 +43,8 @@ def test_imports_and_falls_back_without_triton():
 import sys
 sys.modules["triton"] = None
 import torch
-from megalm.kernels import attention, bench, cross_entropy, norm, rope, swiglu, utils
+from megalm.kernels import attention, cross_entropy, norm, rope, swiglu, utils
+from megalm.bench import kernels as bench
 assert not utils.HAS_TRITON and not utils.triton_available()
 q = torch.randn(1, 3, 5, 16); k = torch.randn(1, 1, 5, 16)
 assert torch.equal(attention.flash_attention(q, k, k), attention.attention_reference(q, k, k))
@@ -79,5 +84,8 @@ def test_table_and_plot_render_a_gpu_sweep(tmp_path, capsys):
     header = next(line for line in text.splitlines() if line.startswith("attention TFLOP/s"))
     assert all(p in header for p in ("triton", "sdpa-flash", "sdpa-cudnn"))
     assert "nan" in text and "( 88%)" in text                  # 2800 of 3200 GB/s
-    bench._plot(rows, peaks, tmp_path / "bench.png")
+    from megalm.bench.harness import save_plot
+
+    assert save_plot(lambda fig, axes: bench._draw(fig, axes, rows, peaks), tmp_path / "bench.png", nrows=1,
+                     ncols=3) is not None
     assert (tmp_path / "bench.png").stat().st_size > 0

@@ -74,7 +74,7 @@ def _train(rank, world, overrides):
 def test_triton_kernels_under_tensor_and_sequence_parallelism(tiny_corpus, tmp_path):
     """tp = 2 with sequence parallelism, attention, norms, RoPE and SwiGLU on Triton (each rank runs its heads
     and its slice of the MLP through the kernels), follows the single-process PyTorch run (rel 1e-5)."""
-    from megalm.testing import run_distributed
+    from megalm.runtime.spawn import run_distributed
 
     llama = {"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position": "rope",
              "model.num_kv_heads": 2}

@@ -4,10 +4,13 @@ import glob
 import pytest
 
 from megalm.config import ConfigError, load_config
+from megalm.config.rules import validate
 
 
 def check(overrides, world=None):
-    return load_config(None, overrides).validate(world)
+    cfg = load_config(None, overrides)
+    validate(cfg, world)
+    return cfg
 
 
 @pytest.mark.parametrize("overrides,world,needles", [
@@ -72,16 +75,15 @@ def test_types_are_checked():
 
 
 def test_presets_resolve_by_name_and_unknown_names_list_them():
-    from megalm.config import resolve_config_file
-    from megalm.engine import _deepspeed_json
+    from megalm.config import deepspeed_json_path, resolve_config_file
 
     assert resolve_config_file("llama-7b").name == "llama-7b.yaml"
     assert load_config("tiny").model.hidden_size == load_config("configs/tiny.yaml").model.hidden_size
-    assert _deepspeed_json("zero3").name == "zero3.json"
+    assert deepspeed_json_path("zero3").name == "zero3.json"
     with pytest.raises(ConfigError, match=r"not a preset name \(gpt2-124m, .*tiny\)"):
         load_config("tiny-typo")
     with pytest.raises(ConfigError, match="one of zero1, zero2, zero3, zero3_offload"):
-        _deepspeed_json("zero9")
+        deepspeed_json_path("zero9")
 
 
 def test_overrides_apply_in_order_and_parse_types():
@@ -92,7 +94,7 @@ def test_overrides_apply_in_order_and_parse_types():
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
 def test_presets_are_valid(path):
     cfg = load_config(path, ["model.vocab_size=32768"])
-    cfg.validate()
+    validate(cfg)
     assert cfg.model.vocab_size == 32768
 
 
@@ -104,8 +106,8 @@ def test_valid_layouts_pass():
 
 def test_deepspeed_native_checkpoints_need_deepspeed_and_one_stage():
     with pytest.raises(ConfigError, match="checkpoint.deepspeed_native"):
-        load_config(None, ["checkpoint.deepspeed_native=true"]).validate(1)
+        check(["checkpoint.deepspeed_native=true"], 1)
     with pytest.raises(ConfigError, match=r"pp=2"):
-        load_config(None, ["checkpoint.deepspeed_native=true", "parallel.zero_stage=1", "parallel.pp=2",
-                           "model.num_layers=2", "train.global_batch_size=8"]).validate(2)
-    load_config(None, ["checkpoint.deepspeed_native=true", "parallel.zero_stage=1"]).validate(1)
+        check(["checkpoint.deepspeed_native=true", "parallel.zero_stage=1", "parallel.pp=2", "model.num_layers=2",
+               "train.global_batch_size=8"], 2)
+    check(["checkpoint.deepspeed_native=true", "parallel.zero_stage=1"], 1)

@@ -110,11 +110,11 @@ def test_finetune_from_a_hugging_face_model(trained, tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_bench_convert_reports_every_conversion_beside_its_copy(tmp_path):
-    from megalm.checkpoint import bench
+    from megalm.bench import convert as bench
 
     assert bench.main(["--hidden", "256", "--layers", "2", "--vocab", "512", "--repeat", "2",
                        "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "bench_convert.json").read_text())
+    report = json.loads((tmp_path / "bench_convert.json").read_text())["results"]
     assert set(report["conversions"]) == {"layout tp1 -> tp2 x pp2", "megalm -> Hugging Face",
                                           "Hugging Face -> megalm tp2"}
     for conv in report["conversions"].values():

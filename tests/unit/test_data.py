@@ -19,7 +19,6 @@ from megalm.data.tokenizer import (
     EOD_TOKEN,
     load_tokenizer,
     padded_vocab_size,
-    resolve_vocab_size,
     tokenizer_path,
     train_tokenizer,
 )
@@ -174,10 +173,13 @@ def test_tokenizer_trains_deterministically_and_round_trips(tmp_path):
 def test_padded_and_resolved_vocab_size():
     assert padded_vocab_size(8192) == 8192 and padded_vocab_size(50257) == 50304
     assert padded_vocab_size(50257, 128, tp=4) == 50688 and padded_vocab_size(1, 64, 2) == 128
-    assert resolve_vocab_size(None, 50257, tp=2) == 50432 and resolve_vocab_size(60000, 50257) == 60000
-    with pytest.raises(DataError, match="model.vocab_size=1000 is smaller than the tokenizer's vocabulary "
-                                        "50257: set model.vocab_size >= 50257"):
-        resolve_vocab_size(1000, 50257)
+    from megalm.config import ConfigError
+    from megalm.config.resolve import vocab_size_for
+
+    assert vocab_size_for(None, 50257, tp=2) == 50432 and vocab_size_for(60000, 50257) == 60000
+    with pytest.raises(ConfigError, match="model.vocab_size=1000 is smaller than the tokenizer's vocabulary "
+                                          "50257: set model.vocab_size >= 50257"):
+        vocab_size_for(1000, 50257)
 
 
 # ---------------------------------------------------------------- preprocess
@@ -356,7 +358,7 @@ def test_resume_from_state_dict_reads_the_same_samples(train_ds):
     run = BatchSampler(train_ds, 4, 2, dp_rank=1, dp_size=2)
     for _ in range(3):
         run.next_batch()
-    state = run.state_dict()
+    state = {"consumed_samples": run.consumed_samples}            # what a checkpoint stores
     assert state == {"consumed_samples": 12}
     expected = [run.next_batch() for _ in range(2 * len(train_ds))]  # crosses epoch boundaries
     resumed = BatchSampler(train_ds, 4, 2, dp_rank=1, dp_size=2)

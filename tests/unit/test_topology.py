@@ -10,9 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from megalm.parallel import launch, topology
-from megalm.parallel.launch import LaunchInfo, discover
-from megalm.parallel.topology import LayoutError, build_topology, check_layout
+from megalm.config import ConfigError
+from megalm.config.rules import data_parallel_size
+from megalm.parallel import topology
+from megalm.parallel.topology import build_topology
+from megalm.runtime import env as launch
+from megalm.runtime.env import LaunchInfo, discover
 
 
 class FakeDist:
@@ -115,16 +118,17 @@ def test_single_process_never_touches_torch_distributed(monkeypatch):
     assert not topo.tensor_parallel.enabled
 
 
-def test_bad_layouts_name_the_numbers_and_the_fix():
-    assert check_layout(8, 2, 2) == 2
-    with pytest.raises(LayoutError, match=r"world size 8 is not divisible by tp x pp = 3 x 1 = 3; launch a "
+def test_bad_layouts_name_the_numbers_and_the_fix(monkeypatch):
+    """The rule book's world-size rule, which build_topology applies (no copy of it lives in topology.py)."""
+    assert data_parallel_size(8, 2, 2) == 2
+    with pytest.raises(ConfigError, match=r"world size 8 is not divisible by tp x pp = 3 x 1 = 3; launch a "
                                           r"multiple of 3 processes"):
-        check_layout(8, 3, 1)
-    with pytest.raises(LayoutError, match=r"world size 8 != tp x pp x dp = 2 x 2 x 4 = 16; launch 16 processes "
+        data_parallel_size(8, 3, 1)
+    with pytest.raises(ConfigError, match=r"world size 8 != tp x pp x dp = 2 x 2 x 4 = 16; launch 16 processes "
                                           r"or set parallel.dp=2"):
-        check_layout(8, 2, 2, 4)
-    with pytest.raises(LayoutError, match=r"parallel.pp=0 must be at least 1"):
-        check_layout(8, 2, 0)
+        data_parallel_size(8, 2, 2, 4)
+    with pytest.raises(ConfigError, match=r"world size 8 is not divisible by tp x pp = 3 x 1"):
+        topology_of(monkeypatch, 0, 8, 3, 1)
 
 
 # ---- Launcher discovery --------------------------------------------------------------------------------------
@@ -192,6 +196,25 @@ def test_discover_mpirun_inside_a_slurm_allocation():
     env = {**MPIRUN, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODELIST": "gpu03"}
     assert discover(env=env) == LaunchInfo(1, 2, 1, "node7", 23456, "mpirun")
+
+
+@pytest.mark.usefixtures("no_process_group")
+def test_error_lines_name_the_rank_the_launcher_gave(monkeypatch, capsys):
+    """Under mpirun inside an sbatch allocation every rank once said "rank 0" (SLURM_PROCID read first): the
+    error reporter now reads the rank through discovery, as start-up does."""
+    import socket
+
+    from megalm.errors import report
+
+    env = {**MPIRUN, "OMPI_COMM_WORLD_RANK": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+           "SLURM_NODELIST": "gpu03"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert report(ConfigError("model.num_heads=6 is not divisible")) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == f"megalm: error (rank 3 on {socket.gethostname()}): model.num_heads=6 is not divisible", line
 
 
 def test_discover_uses_a_process_group_already_joined(monkeypatch):

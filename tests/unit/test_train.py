@@ -159,3 +159,38 @@ def test_cli_reports_bad_config_without_traceback(tiny_corpus, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "num_heads=3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_refuses_bad_arguments_and_says_why_it_stopped(tiny_corpus, tmp_path, capsys):
+    from megalm.cli import main
+
+    run(tiny_corpus, tmp_path, **{"train.steps": 2})
+    base = ["generate", "--checkpoint", str(tmp_path), "--seed", "1"]
+    for extra, needle in [(["--temperature", "-1"], "--temperature=-1.0 is out of range"),
+                          (["--top-p", "1.5"], "--top-p=1.5 is out of range"),
+                          (["--top-k", "-3"], "--top-k=-3 is out of range"),
+                          (["--max-new-tokens", "-1"], "--max-new-tokens=-1 is out of range"),
+                          (["--prompt", ""], "--prompt is empty"),
+                          (["--prompt", "x = 1\n" * 40], "leaves no room to generate; shorten it")]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    # max_seq_len is 32: a prompt of 26-30 tokens leaves a few positions; asking for 50 stops there and says so
+    from megalm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(f"{tiny_corpus}.tokenizer.json")
+    prompt = next(p for p in ("x = 1\n" * n for n in range(1, 40)) if len(tokenizer.encode(p)) >= 26)
+    assert len(tokenizer.encode(prompt)) < 31
+    assert main(base + ["--prompt", prompt, "--max-new-tokens", "50", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped after" in err and "at model.max_seq_len=32" in err, err
+
+
+def test_rerunning_a_finished_run_adds_no_rows(tiny_corpus, tmp_path, capsys):
+    run(tiny_corpus, tmp_path, **{"train.steps": 2})
+    rows = read_metrics(tmp_path)
+    capsys.readouterr()
+    run(tiny_corpus, tmp_path, **{"train.steps": 2})
+    assert read_metrics(tmp_path) == rows
+    out = capsys.readouterr().out
+    assert "run already finished: not recorded again" in out and "(8 samples of the test split" in out

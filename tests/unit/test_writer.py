@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from megalm.checkpoint.load import rows_byte_range, safetensors_offsets
 from megalm.checkpoint.writer import PlannedSafetensorsFile
+from megalm.parallel.shard import ShardSpec
 
 
 @pytest.mark.parametrize("how", ["write", "copy_range", "copy_range falling back"])
@@ -21,7 +22,7 @@ def test_piece_paths_write_the_same_file(tmp_path, how):
     rows = rows_byte_range(start, end, 0, 64, 64, None)
     assert rows == (start, end - start)
     piece = source[32:]                                # rank 1 of 2 along dim 0: the second half of the rows
-    spec = type("Spec", (), {"dim": 0, "parts": 2, "index": 1})()
+    spec = ShardSpec(0, 2, 1)
     offset, count = rows_byte_range(start, end, 0, 64, 64, spec)
     assert count == piece.numel() * 4
     if how == "write":
@@ -41,7 +42,7 @@ def test_piece_paths_write_the_same_file(tmp_path, how):
 
 
 def test_rows_byte_range_refuses_what_is_not_contiguous():
-    by_columns = type("Spec", (), {"dim": 1, "parts": 2, "index": 0})()
+    by_columns = ShardSpec(1, 2, 0)
     assert rows_byte_range(100, 612, 0, 16, 16, by_columns) is None
-    outside = type("Spec", (), {"dim": 0, "parts": 2, "index": 1})()
+    outside = ShardSpec(0, 2, 1)
     assert rows_byte_range(100, 356, 0, 8, 16, outside) is None        # a piece holding rows 0-7 only

@@ -30,15 +30,10 @@ FORWARD_TAG, BACKWARD_TAG = 0, 1
 
 
 def activation_shape(micro_batch: int, seq_len: int, hidden: int, topology) -> tuple[int, int, int]:
-    """Shape of one pipeline message: the sequence is sharded over tp ranks under sequence parallelism."""
+    """Shape of one pipeline message: the sequence is sharded over tp ranks under sequence parallelism (the rule
+    book has checked that it divides)."""
     tp = topology.tensor_parallel
-    if tp.sequence_parallel:
-        if seq_len % tp.size:
-            raise ValueError(f"data.seq_len={seq_len} is not divisible by parallel.tp={tp.size} under "
-                             f"sequence parallelism; use a multiple of {tp.size} or turn "
-                             f"parallel.sequence_parallel off")
-        seq_len //= tp.size
-    return (micro_batch, seq_len, hidden)
+    return (micro_batch, seq_len // tp.size if tp.sequence_parallel else seq_len, hidden)
 
 
 class P2P:
@@ -47,12 +42,6 @@ class P2P:
     def __init__(self, topology, shape, dtype=torch.float32, device="cpu", num_chunks: int = 1):
         self.pp, self.pp_rank, self.num_chunks = topology.pp, topology.pp_rank, num_chunks
         self.nccl = topology.pp_group is not None and dist.get_backend(topology.pp_group) == "nccl"
-        if self.pp == 2 and num_chunks > 1 and self.nccl:
-            # With pp=2 and interleaving, forward and backward messages both travel rank 0 -> rank 1; gloo
-            # keeps them apart by tag, NCCL ignores tags and matches by posting order, which the receive-ahead
-            # here does not guarantee. Refuse rather than risk swapped tensors (not yet validated on GPUs).
-            raise ValueError("interleaved pipelining with parallel.pp=2 is not supported on NCCL yet; use "
-                             "parallel.pp >= 3, or parallel.virtual_stages=1 with the 1f1b schedule")
         self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
         self.rank = topology.rank
         self.group = topology.pp_group

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stage import validate_schedule
+from megalm.config.rules import check_schedule
 
 
 @dataclass
@@ -108,7 +108,7 @@ class _Steps:
 
 def gpipe(p2p, num_microbatches, num_chunks, forward_step, backward_step, stats=None):
     """GPipe (Huang et al. 2019): every micro-batch forward, then every one backward; holds m activations."""
-    validate_schedule("gpipe", p2p.pp, num_chunks, num_microbatches)
+    check_schedule("gpipe", p2p.pp, num_chunks, num_microbatches)
     steps = _Steps(p2p, num_microbatches, num_chunks, forward_step, backward_step, stats)
     for i in range(num_microbatches):
         p2p.send_forward(steps.forward(0, i, p2p.recv_forward(0)), 0)
@@ -120,7 +120,7 @@ def gpipe(p2p, num_microbatches, num_chunks, forward_step, backward_step, stats=
 def one_f_one_b(p2p, num_microbatches, num_chunks, forward_step, backward_step, stats=None):
     """1F1B (PipeDream-Flush, Narayanan et al. 2021): rank r runs pp-r-1 warm-up forwards, then alternates one
     forward and one backward, then drains; it never holds more than pp micro-batches of activations."""
-    validate_schedule("1f1b", p2p.pp, num_chunks, num_microbatches)
+    check_schedule("1f1b", p2p.pp, num_chunks, num_microbatches)
     steps = _Steps(p2p, num_microbatches, num_chunks, forward_step, backward_step, stats)
     warmup = min(p2p.pp - p2p.pp_rank - 1, num_microbatches)
     steady = num_microbatches - warmup
@@ -154,7 +154,7 @@ def interleaved_1f1b(p2p, num_microbatches, num_chunks, forward_step, backward_s
     Megatron-LM: rank r runs 2(pp-r-1) + (v-1)pp warm-up forwards (capped at m*v), then one forward and one
     backward at a time, then drains. Needs num_microbatches to be a multiple of pp."""
     pp, v = p2p.pp, num_chunks
-    validate_schedule("interleaved", pp, v, num_microbatches)
+    check_schedule("interleaved", pp, v, num_microbatches)
     steps = _Steps(p2p, num_microbatches, v, forward_step, backward_step, stats)
     total = num_microbatches * v
     warmup = min(2 * (pp - p2p.pp_rank - 1) + (v - 1) * pp, total)

@@ -8,8 +8,6 @@ from megalm.parallel.tensor.layers import (
     RowParallelLinear,
     ShardSpec,
     VocabParallelEmbedding,
-    init_master_,
-    load_master_,
 )
 from megalm.parallel.tensor.mappings import (
     copy_to_tp,
@@ -25,7 +23,7 @@ from megalm.parallel.tensor.random import tp_rng
 __all__ = [
     "TP_KINDS", "CommStats", "ColumnParallelLinear", "RowParallelLinear", "ShardSpec",
     "VocabParallelEmbedding",
-    "copy_to_tp", "gather_from_sequence", "gather_from_tp_last_dim", "init_master_", "load_master_",
+    "copy_to_tp", "gather_from_sequence", "gather_from_tp_last_dim",
     "reduce_from_tp", "reduce_grad_over_tp", "reduce_scatter_to_sequence", "scatter_to_sequence", "tp_rng",
     "vocab_parallel_cross_entropy",
 ]

@@ -1,24 +1,20 @@
 """Tensor-parallel layers of Megatron-LM (Shoeybi et al. 2019), with sequence parallelism (Korthikanti 2022).
 
-Each layer keeps only its slice of the weight, described by ``param.shard`` (a :class:`ShardSpec`). Parameters
-start as zeros; initialise them by building the master weight the same way on every rank and keeping your
-slice (``shard.take(master)``), so that a model initialised at tp=t equals the one initialised at tp=1:
-
-    load_master_(model, reference_model.state_dict())                # names -> full tensors
-    init_master_(layer.weight, lambda w: torch.nn.init.normal_(w, std=0.02, generator=g))
+Each layer keeps only its slice of the weight, described by ``param.shard`` (a ``ShardSpec``, from
+``megalm.parallel.shard``). Parameters start as zeros; initialise them by building the master weight the same way
+on every rank and keeping your slice (``param.shard.take(master)``), so that a model initialised at tp=t equals
+the one initialised at tp=1.
 
 Activations are (B, T, H). Under sequence parallelism the input of a column layer and the output of a row
 layer are sequence shards (B, T/t, H); otherwise they are replicated (B, T, H).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalm.parallel.shard import ShardSpec
 from megalm.parallel.tensor.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -28,34 +24,6 @@ from megalm.parallel.tensor.mappings import (
     reduce_scatter_to_sequence,
 )
 from megalm.parallel.topology import TensorParallel
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Which slice of the full ("master") tensor a parameter holds: chunk ``index`` of ``parts`` along
-    ``dim``; ``dim=None`` means replicated (the whole tensor on every rank)."""
-    dim: int | None
-    parts: int = 1
-    index: int = 0
-
-    def global_shape(self, local_shape) -> torch.Size:
-        shape = list(local_shape)
-        if self.dim is not None:
-            shape[self.dim] *= self.parts
-        return torch.Size(shape)
-
-    def take(self, master: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of ``master`` (a contiguous copy)."""
-        return self.view(master).clone(memory_format=torch.contiguous_format)
-
-    def view(self, master: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of ``master`` as a view (no copy; strided when ``dim`` > 0)."""
-        if self.dim is None:
-            return master
-        if master.shape[self.dim] % self.parts:
-            raise ValueError(f"cannot cut dim {self.dim} of a {tuple(master.shape)} tensor into {self.parts} "
-                             f"equal parts; the master tensor does not match this layer")
-        return master.chunk(self.parts, self.dim)[self.index]
 
 
 def _rows(param, dim: int) -> int:
@@ -80,34 +48,6 @@ def _divide(n: int, tp: TensorParallel, what: str, layer: str) -> int:
                          f"make {what} a multiple of {tp.size} (e.g. {(n // tp.size + 1) * tp.size}) "
                          f"or change parallel.tp")
     return n // tp.size
-
-
-@torch.no_grad()
-def load_master_(module: nn.Module, masters: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy each parameter's slice of the full tensor ``masters[name]`` (names as in
-    ``module.named_parameters()``, e.g. the state dict of the same model built at tp=1). Parameters without
-    ``.shard`` are taken whole."""
-    for name, p in module.named_parameters():
-        if name not in masters:
-            if strict:
-                raise KeyError(f"no master tensor for parameter {name!r}")
-            continue
-        spec = getattr(p, "shard", ShardSpec(None))
-        local = spec.take(masters[name].to(device=p.device, dtype=p.dtype))
-        if local.shape != p.shape:
-            raise ValueError(f"{name}: slice {tuple(local.shape)} of master {tuple(masters[name].shape)} "
-                             f"does not fit parameter {tuple(p.shape)}")
-        p.copy_(local)
-
-
-@torch.no_grad()
-def init_master_(param: torch.Tensor, init_fn: Callable[[torch.Tensor], object]) -> None:
-    """Build the full tensor, fill it with ``init_fn`` (seed its generator the same on every rank) and keep
-    this rank's slice: the result does not depend on the parallel layout."""
-    spec = getattr(param, "shard", ShardSpec(None))
-    master = torch.empty(spec.global_shape(param.shape), dtype=param.dtype, device=param.device)
-    init_fn(master)
-    param.copy_(spec.take(master))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -135,9 +75,6 @@ class ColumnParallelLinear(nn.Module):
             x = copy_to_tp(x, tp, kind=self.kind)
         y = F.linear(x, self.weight, self.bias)                 # (B, T, out/t)
         return gather_from_tp_last_dim(y, tp, kind=self.kind) if self.gather_output else y
-
-    def load_master_(self, masters: dict[str, torch.Tensor]) -> None:
-        load_master_(self, masters)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} (local {_rows(self.weight, 0)}), "
@@ -174,9 +111,6 @@ class RowParallelLinear(nn.Module):
         bias = reduce_grad_over_tp(self.bias, tp) if tp.sequence_parallel else self.bias
         return y + bias
 
-    def load_master_(self, masters: dict[str, torch.Tensor]) -> None:
-        load_master_(self, masters)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features} (local {_rows(self.weight, 1)}), out={self.out_features}, "
                 f"tp={self.tp.size}, bias={self.bias is not None}")
@@ -209,9 +143,6 @@ class VocabParallelEmbedding(nn.Module):
         if tp.sequence_parallel:
             return reduce_scatter_to_sequence(out, tp, kind=self.kind)                    # (B, T/t, D)
         return reduce_from_tp(out, tp, kind=self.kind)
-
-    def load_master_(self, masters: dict[str, torch.Tensor]) -> None:
-        load_master_(self, masters)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings} (local {self.vocab_start}:{self.vocab_end}), {self.embedding_dim}, "

@@ -1,4 +1,4 @@
-"""Run a function on N gloo processes on this host: the harness of the multi-process tests and benchmarks."""
+"""Run a function on N gloo processes on this host: used by the multi-process tests and by benchmarks."""
 from __future__ import annotations
 
 import datetime
@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megalm.runtime.env import export_launch_env
+
 
 def _worker(rank, world_size, store_path, fn, args, errors):
     """One rank. It leaves with ``os._exit`` once its result is reported and the group destroyed: a CI run saw a
@@ -18,7 +20,7 @@ def _worker(rank, world_size, store_path, fn, args, errors):
     exception", exit -6: a C++ thread of the DeepSpeed/gloo stack destroyed while joinable), which turned a
     passing test into a failure. Nothing of the test's is left to flush at that point, so skipping the
     finalisers loses nothing and keeps the exit code the test's own."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    export_launch_env(deepspeed=True)
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,

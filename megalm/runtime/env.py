@@ -1,14 +1,16 @@
-"""Find this process's rank and the world from whichever launcher started it, and join the process group.
+"""Where this process stands: its rank and world from whichever launcher started it, and its device.
 
 Understood launchers: torchrun and the ``deepspeed`` launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST) and OpenMPI's mpirun
-(OMPI_COMM_WORLD_*). A bare ``python -m megalm`` is a world of one and never touches torch.distributed.
+OpenMPI's mpirun (OMPI_COMM_WORLD_*, read before SLURM's, so that an mpirun inside an sbatch allocation is
+read as mpirun) and SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST). A bare
+``python -m megalm`` is a world of one. Every environment variable megalm writes for other libraries
+(torch's env://, DeepSpeed) is written by ``export_launch_env`` here.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -25,6 +27,10 @@ class LaunchInfo:
     master_port: int
     launcher: str
 
+    def where(self) -> str:
+        """'rank R (host H, local rank L)': how every message from a failing run names its origin."""
+        return f"rank {self.rank} (host {socket.gethostname()}, local rank {self.local_rank})"
+
 
 def _first_slurm_host(nodelist: str) -> str:
     try:
@@ -40,16 +46,15 @@ def _first_slurm_host(nodelist: str) -> str:
 
 
 def discover(env: dict | None = None) -> LaunchInfo:
-    """Read rank and world from the environment the launcher left."""
+    """Read rank and world from the environment the launcher left (or from a group that already exists)."""
     env = os.environ if env is None else env
     port = int(env.get("MASTER_PORT", 29500))
-    if dist.is_initialized():   # the caller (a test harness, a notebook) already joined a group: use it
+    if dist.is_initialized():   # a test harness or a notebook already joined a group: use it
         return LaunchInfo(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", dist.get_rank())),
                           env.get("MASTER_ADDR", "127.0.0.1"), port, "preinitialized")
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun/deepspeed")
-    # mpirun's own variables first: an mpirun inside an sbatch allocation inherits the batch step's SLURM_*
     if "OMPI_COMM_WORLD_RANK" in env:
         return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                           int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
@@ -61,24 +66,32 @@ def discover(env: dict | None = None) -> LaunchInfo:
     return LaunchInfo(0, 1, 0, "127.0.0.1", port, "single")
 
 
-def device_for(local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """``train.device`` (auto, cpu, cuda) for the process with this local rank."""
+    from megalm.config import ConfigError
+
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[LaunchInfo, torch.device]:
-    """Join the default process group (NCCL on CUDA, gloo on CPU) unless this is a world of one."""
-    info = discover()
-    device = device_for(info.local_rank)
-    if info.world_size > 1 and not dist.is_initialized():
-        # Exported so that DeepSpeed and torch's env:// agree with what we found (SLURM and mpirun set none).
+def export_launch_env(info: LaunchInfo | None = None, deepspeed: bool = False) -> None:
+    """The variables torch's env:// rendezvous and DeepSpeed read, from what discovery found (SLURM and mpirun
+    set none of them). Never overrides a value the launcher set. ``deepspeed``: also pick DeepSpeed's
+    accelerator (CPU when there is no CUDA GPU)."""
+    if info is not None:
         for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
                            ("MASTER_ADDR", info.master_addr), ("MASTER_PORT", info.master_port)):
             os.environ.setdefault(key, str(value))
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    return info, device
+    if deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def take_local_rank_argument(value: str) -> None:
+    """The ``deepspeed`` launcher passes --local_rank=N; megalm reads LOCAL_RANK, as torchrun sets it."""
+    os.environ.setdefault("LOCAL_RANK", value)

@@ -1,6 +1,6 @@
 """Measure the pipeline bubble of each schedule with equal-cost synthetic stages and compare with the formula.
 
-    python -m megalm.parallel.pipeline.bubble --pp 4 --microbatches 4 8 16 --virtual-stages 2
+    megalm bench bubble --pp 4 --microbatches 4 8 16 --virtual-stages 2
 
 Spawns pp gloo processes. Each stage sleeps ``stage_ms`` per forward and twice that per backward (a chunk
 of an interleaved rank holds 1/v of the stage, so it sleeps stage_ms/v and 2 stage_ms/v): sleeping needs no
@@ -29,11 +29,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from megalm.bench.harness import save_plot, write_result
+from megalm.config.rules import check_schedule
 from megalm.parallel.pipeline.p2p import P2P
 from megalm.parallel.pipeline.schedules import SCHEDULES, ScheduleStats
-from megalm.parallel.pipeline.stage import validate_schedule
 from megalm.parallel.topology import build_topology
-from megalm.testing import run_distributed
+from megalm.runtime.spawn import run_distributed
 
 SHAPE = (1, 1, 4)
 
@@ -66,7 +67,7 @@ def _worker(rank, world, cfg, out_dir):
 
         for m in cfg["microbatches"]:
             try:
-                validate_schedule(schedule, world, v, m)
+                check_schedule(schedule, world, v, m)
             except ValueError as err:
                 results.append((schedule, m, v, str(err), []))
                 continue
@@ -125,14 +126,10 @@ def format_table(rows, pp):
     return "\n".join(lines)
 
 
-def plot(rows, pp, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw(fig, axes, rows, pp) -> None:
+    axes = list(axes.flat)
     done = [r for r in rows if not r[3]]
     names = list(dict.fromkeys(r[0] for r in done))
-    fig, axes = plt.subplots(1 + len(names), 1, figsize=(10, 3 + 2.2 * len(names)))
     ax = axes[0]
     for n, name in enumerate(names):
         mine = [r for r in done if r[0] == name]
@@ -142,23 +139,21 @@ def plot(rows, pp, path):
             ax.plot(ms, [100 * r[5][stage] for r in mine], "o", color=f"C{n}", alpha=0.6,
                     label=f"{name} measured (each stage)" if stage == 0 else None)
     ax.set(xlabel="micro-batches m", ylabel="idle % of wall time", title=f"pipeline bubble, pp={pp}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))      # beside the axes, over no point
     for ax, name in zip(axes[1:], names):   # timeline of the largest m of each schedule
         schedule, m, v, _, _, _, timeline = [r for r in done if r[0] == name][-1]
         for stage, events in enumerate(timeline):
             for kind, chunk, i, a, b in events:
                 ax.broken_barh([(a, b - a)], (stage - 0.4, 0.8), color=f"C{chunk}" if kind == "F" else "0.6",
                                edgecolor="k", linewidth=0.3)
+        ax.set_yticks(range(len(timeline)))                                  # whole stage numbers
         ax.set(ylabel="stage", title=f"{schedule}, m={m}, v={v}: forward (colour = chunk), backward (grey)")
         ax.invert_yaxis()
     axes[-1].set_xlabel("seconds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m megalm.parallel.pipeline.bubble", description=__doc__,
+    parser = argparse.ArgumentParser(prog="megalm bench bubble", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pp", type=int, default=4, help="pipeline stages (processes)")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[4, 8, 16])
@@ -167,17 +162,20 @@ def main(argv=None):
                         help="forward time of one stage in ms; backward is twice that")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median shown)")
-    parser.add_argument("--out", default="runs/bubble", help="folder for bubble.png")
+    parser.add_argument("--out", help="result folder (default runs/bench-bubble)")
     args = parser.parse_args(argv)
     rows = measure(args.pp, args.microbatches, args.virtual_stages, args.stage_ms, args.schedules,
                    args.repeats)
     print(f"idle fraction of wall time per stage, pp={args.pp}, forward {args.stage_ms} ms, backward "
           f"{2 * args.stage_ms} ms per stage; formula (p-1)/(m+p-1), interleaved (p-1)/(v*m+p-1)")
     print(format_table(rows, args.pp))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bubble.png")
-    plot(rows, args.pp, path)
-    print(f"plot: {path}")
+    results = [{"schedule": sc, "microbatches": m, "virtual_stages": v, "skipped": skip, "formula": want,
+                "idle_per_stage": idle} for sc, m, v, skip, want, idle, _ in rows]
+    path = write_result("bubble", {"pp": args.pp, "rows": results}, args.out, context=vars(args))
+    names = len({r[0] for r in rows if not r[3]})
+    plot = save_plot(lambda fig, axes: _draw(fig, axes, rows, args.pp), path.with_suffix(".png"),
+                     figsize=(10, 3 + 2.2 * names), nrows=1 + names, ncols=1, squeeze=False)
+    print(f"wrote {path}" + (f" and {plot}" if plot else ""))
     return rows
 
 

@@ -1,7 +1,7 @@
 """``megalm bench memory``: per-rank bytes of parameters, gradients and optimizer states under ZeRO 0-3, measured
 on N gloo processes and printed beside the ZeRO paper's formulas (Rajbhandari et al. 2020, section 5.1).
 
-Formulas for Ψ parameters on N data-parallel ranks with mixed-precision Adam (anchors.md, K = 12):
+Formulas for Ψ parameters on N data-parallel ranks with mixed-precision Adam (K = 12 bytes per parameter):
 stage 0: 2Ψ + 2Ψ + KΨ; stage 1: 2Ψ + 2Ψ + KΨ/N; stage 2: 2Ψ + 2Ψ/N + KΨ/N; stage 3: (2 + 2 + K)Ψ/N.
 The same with the widths of the run: working weights and gradients of ``w`` bytes (4 fp32, 2 bf16), Adam's
 moments 8 bytes and an fp32 master copy of 4 bytes where DeepSpeed keeps one (always, except ZeRO-0 in fp32,
@@ -10,23 +10,23 @@ where the torch optimizer updates the model's own fp32 weights).
 Measured in the second optimizer step (Adam's moments exist from the first), after each backward pass, at the
 pass where the four model states add up to most (ZeRO-0/1 hold whole gradients until the accumulation
 boundary): the bytes (numel x element size) of the tensors that hold each state, found where DeepSpeed keeps
-them (``_model_states``). Two things beside them:
+them (``DeepSpeedEngine.model_states``). Two things beside them:
 - buffers: DeepSpeed's gradient-reduction buckets (``ipg_buckets``), the ZeRO paper's constant-size buffers:
   ``reduce_bucket_size`` elements of the gradient width whatever the model's size;
 - an independent cross-check: every tensor storage alive in the process (found through the garbage collector,
   each storage once), less those alive before the model was built. "other" = that total minus the states and
   buffers above: whatever the named places miss (padding of flat buffers, step counters, the batch). A state
-  that ``_model_states`` looked for in the wrong place shows up there.
+  that ``model_states`` looked for in the wrong place shows up there.
 
 What it shows with deepspeed 0.19.8 (2 ranks, the model below): every state of ZeRO-0, 1 and 3, fp32 and bf16,
 equals the formula to the byte on both ranks, and "other" is 12-144 bytes. ZeRO-2's gradients exceed wΨ/N by
 the other rank's share of the one parameter that straddles the two partitions, whose gradient each rank holds
 whole during accumulation: +1,024 elements on rank 0, +15,360 on rank 1. Buckets seen after the backward
 passes: ZeRO-1 holds one during the accumulation passes (freed at the boundary), ZeRO-3 after every pass,
-ZeRO-0 and ZeRO-2 none. ZeRO-1's is 4 MB in fp32 (2 MB in bf16) per rank with megalm's default bucket (the
-rank's share of the model, floor 1e6 elements, cap 5e7: ``megalm.engine.bucket_elements``); DeepSpeed's own
-default, 5e8 elements, made it 2 GB (1 GB) whatever the model. The packaged zero3.json's 5e7 gives 200 MB
-(100 MB). ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer) holds no fp32 gradient buffer between steps.
+ZeRO-0 and ZeRO-2 none. ZeRO-1's is 4 MB in fp32 (2 MB in bf16) per rank with megalm's default bucket
+(the rank's share of the model, floor 1e6 elements, cap 5e7: ``engine.deepspeed.config.bucket_elements``);
+DeepSpeed's own default, 5e8 elements, made it 2 GB (1 GB) whatever the model. The packaged zero3.json's 5e7
+gives 200 MB (100 MB). ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer) holds no fp32 gradient buffer between steps.
 """
 from __future__ import annotations
 
@@ -38,46 +38,12 @@ from pathlib import Path
 
 import torch
 
+from megalm.bench.harness import save_plot, write_result
+
 MODEL = {"model.vocab_size": 512, "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
          "model.ffn_hidden_size": 256, "model.max_seq_len": 32, "data.seq_len": 32, "data.prefix": "null",
          "train.micro_batch_size": 2, "train.global_batch_size": 8}   # 2 micro-batches per rank on 2 ranks
 STATES = ("params", "grads", "master", "moments")
-# where DeepSpeed 0.19 keeps gradients besides .grad: ZeRO-1/2 partitions at the boundary, ZeRO-2 during
-# accumulation, ZeRO-3 partitions, BF16_Optimizer's fp32 accumulation buffer (ZeRO-1 with a JSON asking for
-# fp32 gradient accumulation; not in megalm's defaults)
-GRAD_HOLDERS = ("averaged_gradients", "all_grad_tensors", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
-
-
-def _tensors(obj):
-    """The tensors in nested lists, tuples and dict values."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
-
-
-def _model_states(engine) -> dict[str, list]:
-    """The tensors that hold each model state on this rank, and DeepSpeed's reduction buckets."""
-    from megalm.engine import OPTIM_KEYS
-
-    opt, torch_opt = engine.ds.optimizer, engine.torch_optimizer
-    params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for _, p, _ in engine.named]
-    flat = getattr(opt, "fp32_partitioned_groups_flat", None)     # ZeRO-3 puts these in param_groups only to step
-    stepped = flat if flat is not None else [q for group in torch_opt.param_groups for q in group["params"]]
-    own_weights = {id(p) for p in params}
-    return {
-        "params": params,
-        "grads": [p.grad for _, p, _ in engine.named] + [q.grad for q in stepped] +
-                 [t for name in GRAD_HOLDERS for t in _tensors(getattr(opt, name, None))],
-        "master": [q for q in stepped if id(q) not in own_weights],      # ZeRO-0 fp32 steps the model's weights
-        "moments": [v for state in torch_opt.state.values() for k, v in state.items() if k in OPTIM_KEYS],
-        "buffers": [t for bucket in (getattr(opt, "ipg_buckets", None) or {}).values()
-                    for t in _tensors(getattr(bucket, "buffer", None))],
-    }
 
 
 def _bytes(tensors) -> int:
@@ -112,9 +78,9 @@ def _live_storages(extra=()) -> dict[int, tuple]:
 
 
 def _snapshot(engine, before: dict) -> dict:
-    states = _model_states(engine)
+    states = engine.model_states()
     row = {name: _bytes(tensors) for name, tensors in states.items()}
-    grads = [p.grad for _, p, _ in engine.named if p.grad is not None]
+    grads = [p.grad for chunk in engine.chunks for p in chunk.parameters() if p.grad is not None]
     new = {ptr: v for ptr, v in _live_storages(grads).items() if ptr not in before}
     row["live"] = sum(v[0] for v in new.values())
     row["other"] = row["live"] - sum(row[name] for name in (*STATES, "buffers"))
@@ -124,21 +90,20 @@ def _snapshot(engine, before: dict) -> dict:
 
 
 def _measure(rank, world, overrides, out_dir):
-    from megalm.config import load_config
-    from megalm.engine import DeepSpeedEngine, build_deepspeed_chunks, ensure_distributed
+    from megalm.config import load_config, resolve
+    from megalm.engine import build_engine
     from megalm.parallel.topology import build_topology
 
-    cfg = load_config(None, overrides)
+    cfg = resolve(load_config(None, overrides), world)
     topo = build_topology()
-    ensure_distributed()
     gc.collect()
     before_objects = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]   # kept alive: no address
     before = _live_storages()                                                          # is reused by a new one
-    engine = DeepSpeedEngine(cfg, topo, build_deepspeed_chunks(cfg, topo, torch.device("cpu")), torch.device("cpu"))
+    engine = build_engine(cfg, topo, torch.device("cpu"))
     gen = torch.Generator().manual_seed(rank)
     peak = None
     for step in range(2):
-        for _ in range(engine.backwards_per_step):
+        for _ in range(cfg.grad_accumulation_steps(topo.dp) * len(engine.chunks)):
             tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
                                    generator=gen)
             engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]))
@@ -149,8 +114,8 @@ def _measure(rank, world, overrides, out_dir):
                 if peak is None or sum(row[k] for k in STATES) > sum(peak[k] for k in STATES):
                     peak = row
         engine.step(1e-3)
-    peak["psi"] = sum(getattr(p, "ds_numel", p.numel()) for _, p, _ in engine.named)
-    peak["reduce_bucket_size"] = engine.ds.zero_reduce_bucket_size()
+    peak["psi"] = engine.parameter_count()
+    peak["reduce_bucket_size"] = engine.reduce_bucket_elements()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(peak))
     del before_objects
 
@@ -166,7 +131,7 @@ def formula(stage: int, precision: str, psi: int, n: int) -> dict:
 def measure(stage: int, precision: str, world: int = 2, model: dict | None = None) -> list[dict]:
     """One measurement per rank (a list indexed by rank) on ``world`` gloo processes."""
     from megalm.config import preset_folder
-    from megalm.testing import run_distributed
+    from megalm.runtime.spawn import run_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = {**MODEL, **(model or {}), "parallel.zero_stage": stage, "train.precision": precision,
@@ -192,18 +157,10 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows, path: Path) -> bool:
+def _draw(ax, rows) -> None:
     """Stacked bars of the measured states per run (rank 0), a marker at the formula's total."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r[2] == 0]
     labels = [f"{p}\nZeRO-{s}" for p, s, *_ in rows]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     bottom = [0.0] * len(rows)
     for key, name in zip(STATES, ("params", "grads", "fp32 master", "Adam m+v")):
         values = [got[key] / 2 ** 20 for *_, got, _ in rows]
@@ -214,10 +171,6 @@ def _plot(rows, path: Path) -> bool:
     ax.set_ylabel("MiB per rank (rank 0)")
     ax.set_title("ZeRO model states per rank, measured vs formula")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def main(argv=None) -> int:
@@ -225,7 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default="0,1,2,3", help="ZeRO stages to measure")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16")
     parser.add_argument("--world", type=int, default=2, help="data-parallel processes (gloo)")
-    parser.add_argument("--out", default="runs/bench-memory", help="folder for bench_memory.json and .png")
+    parser.add_argument("--out", help="result folder (default runs/bench-memory)")
     args = parser.parse_args(argv)
     rows = []
     for precision in args.precisions.split(","):
@@ -236,15 +189,13 @@ def main(argv=None) -> int:
     print(table(rows))
     buckets = {f"ZeRO-{s}": got["reduce_bucket_size"] for _, s, r, got, _ in rows if r == 0}
     print("reduce_bucket_size (elements): " + ", ".join(f"{k} {v:,}" for k, v in buckets.items()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"world": args.world, "psi": rows[0][3]["psi"], "model": MODEL,
               "rows": [{"precision": p, "stage": s, "rank": r, "measured": got, "formula": want}
                        for p, s, r, got, want in rows]}
-    (out / "bench_memory.json").write_text(json.dumps(report, indent=1))
-    plotted = _plot(rows, out / "bench_memory.png")
-    print(f"wrote {out / 'bench_memory.json'}" + (f" and {out / 'bench_memory.png'}" if plotted else
-                                                  " (no matplotlib: no chart)"))
+    path = write_result("memory", report, args.out, context={"stages": args.stages, "precisions": args.precisions})
+    plot = save_plot(lambda fig, ax: _draw(ax, rows), path.with_suffix(".png"),
+                     figsize=(max(6, len(rows) * 0.45), 4))
+    print(f"wrote {path}" + (f" and {plot}" if plot else " (no matplotlib: no chart)"))
     return 0
 
 

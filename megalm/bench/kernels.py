@@ -1,11 +1,11 @@
-"""Kernel benchmark: ``python -m megalm.kernels.bench [--quick] [--out DIR]``.
+"""Kernel benchmark: ``megalm bench kernels [--quick] [--out DIR]``.
 
 Prints, in one run, the measured peak of the device (a large matmul, a device copy), attention TFLOP/s
 (forward and forward+backward, causal and not, head dims 64 and 128, sequence 512 to 16k at 16k tokens per
 batch and hidden 2048, as in the FlashAttention papers) and norm GB/s, side by side with torch SDPA (default,
 flash backend, cuDNN backend), flash-attn, and torch/apex/Liger norms where installed. Writes bench.csv,
-bench.json and bench.png under --out. Without CUDA it times the PyTorch references at small shapes and says
-so.
+bench_kernels.json and bench_kernels.png under --out (default runs/bench-kernels). Without CUDA it times
+the PyTorch references at small shapes and says so.
 
 FLOPs: attention forward 4 B T^2 H D (half when causal), backward 2.5x forward. Norm bytes: forward reads x
 and writes y; backward reads x and dy and writes dx (weights are negligible).
@@ -15,52 +15,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
-import math
-import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_reference, flash_attention
-from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
-from .utils import HAS_TRITON, interpreting
+from megalm.bench.harness import (
+    datasheet_peak_flops,
+    device_name,
+    kernel_timer,
+    measured_copy_bytes_per_s,
+    measured_matmul_flops,
+    output_dir,
+    save_plot,
+    write_result,
+)
+from megalm.kernels.attention import attention_reference, flash_attention
+from megalm.kernels.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from megalm.kernels.utils import HAS_TRITON, interpreting
 
 
-def _timer(gpu: bool):
-    """Milliseconds per call of fn: triton's do_bench on a GPU (median), a wall-clock loop on a CPU."""
-    if gpu:
-        import triton.testing
-
-        return lambda fn, grads=None: triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads,
-                                                              return_mode="median")
-
-    def cpu(fn, grads=None):
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * sorted(times)[1]
-
-    return cpu
-
-
-def measure_peaks(device, timer, quick: bool) -> dict:
-    """The card in hand: dense matmul TFLOP/s (bf16 on GPU, fp32 on CPU) and device-copy GB/s."""
+def measure_peaks(device, quick: bool) -> dict:
+    """The card in hand: dense matmul TFLOP/s (bf16 on GPU, fp32 on CPU) and device-copy GB/s, measured now,
+    and the datasheet's matmul peak where the device is known."""
     gpu = device.type == "cuda"
-    n = (8192 if not quick else 4096) if gpu else 512
     dtype = torch.bfloat16 if gpu else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms = timer(lambda: a @ b)
-    numel = (1 << 28) if gpu else (1 << 23)  # 1 GiB / 32 MiB of fp32
-    src = torch.ones(numel, device=device, dtype=torch.float32)  # touched, so no page faults are timed
-    dst = torch.zeros_like(src)
-    copy_ms = timer(lambda: dst.copy_(src))
-    return {"matmul_tflops": 2 * n**3 / mm_ms / 1e9, "matmul_dtype": str(dtype).replace("torch.", ""),
-            "copy_gbps": 2 * src.numel() * src.element_size() / copy_ms / 1e6}
+    flops = measured_matmul_flops(device, dtype, n=(8192 if not quick else 4096) if gpu else 512)
+    sheet = datasheet_peak_flops(device_name(device), "bf16" if gpu else "fp32")
+    return {"matmul_tflops": flops / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "copy_gbps": measured_copy_bytes_per_s(device) / 1e9,
+            "datasheet_matmul_tflops": sheet / 1e12 if sheet else None}
 
 
 def _attention_providers(gpu: bool) -> dict:
@@ -180,7 +163,7 @@ def bench_norms(device, timer, gpu: bool, quick: bool) -> list[dict]:
 
 def tuned_tiles() -> list[dict]:
     """The tile configuration each attention kernel kept per shape in this process (empty without tuning)."""
-    from . import attention
+    from megalm.kernels import attention
 
     rows = []
     for (stage, b, hq, hkv, t, d, dtype, causal), cfg in sorted(attention._TUNED.items(), key=str):
@@ -215,13 +198,7 @@ def _print(rows, peaks):
             print(f"{key[0]:>9} {key[1]:>7} N{key[2]:<6}" + " ".join(f"{c:>15}" for c in cells))
 
 
-def _plot(rows, peaks, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+def _draw(fig, axes, rows, peaks) -> None:
     for ax, mode in zip(axes[:2], ("fwd", "fwd+bwd")):
         sel = [r for r in rows if r["kind"] == "attention" and r["mode"] == mode]
         for key in sorted({(r["provider"], r["head_dim"], r["causal"]) for r in sel}):
@@ -239,16 +216,12 @@ def _plot(rows, peaks, path):
     axes[2].axhline(peaks["copy_gbps"], color="k", ls="--", label="copy peak")
     axes[2].set(xscale="log", xlabel="hidden size", ylabel="GB/s", title="norms")
     axes[2].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m megalm.kernels.bench",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="megalm bench kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.json, bench.png")
+    parser.add_argument("--out", help="result folder (default runs/bench-kernels)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and HAS_TRITON and not interpreting()
     device = torch.device("cuda" if gpu else "cpu")
@@ -257,25 +230,23 @@ def main(argv=None):
     else:
         print("no CUDA device (or Triton missing / interpreting): running the PyTorch references only, at "
               "small shapes; these numbers time the CPU, not the kernels")
-    timer = _timer(gpu)
-    peaks = measure_peaks(device, timer, args.quick)
+    timer = kernel_timer(device)
+    peaks = measure_peaks(device, args.quick)
     rows = bench_attention(device, timer, gpu, args.quick) + bench_norms(device, timer, gpu, args.quick)
     _print(rows, peaks)
-    os.makedirs(args.out, exist_ok=True)
-    fields = sorted({k for r in rows for k in r})
-    with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+    out = output_dir("kernels", args.out)
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()
         writer.writerows(rows)
-    meta = {"device": torch.cuda.get_device_name() if gpu else "cpu", "references_only": not gpu,
-            "peaks": peaks, "attention_tiles": tuned_tiles()}
-    for row in meta["attention_tiles"]:
+    tiles = tuned_tiles()
+    for row in tiles:
         print("attention tile chosen: " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({**meta, "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                     for k, v in r.items()} for r in rows]}, f, indent=1)
-    _plot(rows, peaks, os.path.join(args.out, "bench.png"))
-    print(f"\nwrote {args.out}/bench.csv, bench.json, bench.png")
+    results = {"references_only": not gpu, "peaks": peaks, "attention_tiles": tiles, "rows": rows}
+    path = write_result("kernels", results, out, context=vars(args), device=device)
+    plot = save_plot(lambda fig, axes: _draw(fig, axes, rows, peaks), path.with_suffix(".png"), figsize=(18, 5),
+                     nrows=1, ncols=3)
+    print(f"\nwrote {out / 'bench.csv'}, {path}" + (f", {plot}" if plot else ""))
     return rows, peaks
 
 

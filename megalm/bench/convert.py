@@ -9,7 +9,6 @@ that only imported the converter).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from megalm.bench.harness import output_dir, save_plot, write_result
 from megalm.config import Config, ModelConfig
 
 
 def synthetic_checkpoint(path: Path, model: ModelConfig) -> int:
     from megalm.checkpoint.convert import base_meta, write_checkpoint
-    from megalm.checkpoint.plan import meta_chunks
+    from megalm.checkpoint.layout import meta_chunks
 
     chunk = meta_chunks(model, 1, 0, 1, 0)[0]
     tensors = {f"model.{n}": ("float32", tuple(p.shape)) for n, p in chunk.named_parameters()}
@@ -81,14 +81,13 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds of copy and conversions")
     ap.add_argument("--workdir", help="where to write (default: a temporary folder on the same disk as --out)")
-    ap.add_argument("--out", default="runs/bench-convert")
+    ap.add_argument("--out", help="result folder (default runs/bench-convert)")
     args = ap.parse_args(argv)
     model = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                         num_heads=max(1, args.hidden // 64), num_kv_heads=max(1, args.hidden // 256),
                         ffn_hidden_size=args.hidden * 8 // 3 // 64 * 64, max_seq_len=256, norm="rmsnorm",
                         activation="swiglu", position="rope", bias=False, tie_embeddings=False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir("convert", args.out)
     work = Path(tempfile.mkdtemp(dir=args.workdir or out))
     try:
         src = work / "src"
@@ -147,24 +146,18 @@ def main(argv=None) -> int:
         print("GB/s: whole command (Python start-up, torch import, sha256 of source and result included); alone: "
               "the conversion itself; its copy: the durable copies paired with it; vs copy: median of alone / its "
               "copy per round. All count the checkpoint's bytes; peak RSS is the largest of the rounds.")
-        (out / "bench_convert.json").write_text(json.dumps(report, indent=1))
-        _plot(report, out / "bench_convert.png")
-        print(f"wrote {out / 'bench_convert.json'} and {out / 'bench_convert.png'}")
+        path = write_result("convert", report, out, context=vars(args))
+        plot = save_plot(lambda fig, ax: _draw(ax, report), path.with_suffix(".png"), figsize=(7.5, 3.4))
+        print(f"wrote {path}" + (f" and {plot}" if plot else ""))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw(ax, report: dict) -> None:
     names = list(report["conversions"])
     convs = report["conversions"].values()
     y = range(len(names))
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
     ax.barh([i + 0.2 for i in y], [c["paired_copy_gb_per_s"] for c in convs], height=0.4,
             label="plain durable copy (paired)")
     ax.barh([i - 0.2 for i in y], [c["gb_per_s_alone"] for c in convs], height=0.4, label="conversion")
@@ -172,6 +165,3 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_xlabel("GB/s (medians)")
     ax.set_title(f"checkpoint conversion, {report['bytes'] / 1e9:.2f} GB, {report['repeats']} rounds")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

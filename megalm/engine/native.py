@@ -1,34 +1,27 @@
-"""megalm's own engine: torch AdamW/SGD, data-parallel gradient all-reduce, tied-embedding sums, clipping.
-
-The DeepSpeed engine (``megalm.engine``) offers the same five methods, so the loop and the pipeline schedules
-never know which one runs: ``forward``, ``backward``, ``step``, ``state_tensors``, ``load_state_tensors``.
-"""
+"""megalm's own engine: torch AdamW/SGD, data-parallel gradient all-reduce, tied-embedding sums, clipping, and
+fp16 loss scaling agreed over all ranks (``megalm.engine.base.Engine`` is the interface)."""
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megalm.config import Config
-from megalm.parallel.parallelize import counts_in_norm, is_tied_copy, tied_embedding_params
+from megalm.engine.base import Engine
+from megalm.engine.loss_scale import DynamicLossScaler
+from megalm.engine.optim import build_optimizer, optimizer_step_count
+from megalm.engine.precision import activation_dtype, autocast_for
 from megalm.parallel.pipeline.stage import sum_tied_gradients
+from megalm.parallel.shard import counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.topology import Topology
-from megalm.train.loss_scale import DynamicLossScaler
-from megalm.train.optim import build_optimizer, optimizer_step_count
+
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
-def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-class NativeEngine:
+class NativeEngine(Engine):
     def __init__(self, cfg: Config, topo: Topology, chunks, device: torch.device):
         self.cfg, self.topo, self.chunks, self.device = cfg, topo, chunks, device
+        self.activation_dtype = activation_dtype(cfg)
         self.named = [(f"{c}:{n}", n, p, chunk) for c, chunk in enumerate(chunks) for n, p in chunk.named_parameters()]
         self.optimizer = build_optimizer(cfg, [(key, p) for key, _, p, _ in self.named])
         self.scaler = None
@@ -62,7 +55,7 @@ class NativeEngine:
     def grad_norm(self) -> float:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for _, name, p, chunk in self.named:
-            if p.grad is not None and counts_in_norm(chunk, name, p, self.topo):
+            if p.grad is not None and counts_in_norm(chunk, name, p, self.topo.pp, self.topo.tp_rank):
                 total += p.grad.double().pow(2).sum()
         if self.topo.mp_group is not None:
             dist.all_reduce(total, group=self.topo.mp_group)
@@ -71,7 +64,7 @@ class NativeEngine:
     def step(self, lr: float) -> float:
         """Reduce gradients, clip, update, zero. Returns the global gradient norm before clipping; under fp16,
         inf when some rank's gradients overflowed (every rank then skips the update and lowers the scale)."""
-        sum_tied_gradients(tied_embedding_params(self.chunks, self.topo), self.topo)
+        sum_tied_gradients(tied_embedding_params(self.chunks, self.topo.pp), self.topo)
         self._all_reduce_data_parallel()
         if self.scaler:
             overflow = self.scaler.unscale_and_check([p.grad for p in self.params() if p.grad is not None],
@@ -96,22 +89,27 @@ class NativeEngine:
     def state_tensors(self, with_optimizer: bool = True):
         """Model weights and, per weight, its optimizer state, under layout-free names."""
         for _, name, p, chunk in self.named:
-            if is_tied_copy(chunk, name, self.topo):
+            if is_tied_copy(chunk, name, self.topo.pp):
                 continue
             yield f"model.{name}", p.detach(), p.shard
             if not with_optimizer:
                 continue
             state = self.optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            for key in OPTIM_KEYS:
                 if key in state and state[key] is not None:
                     yield f"optim.{key}.{name}", state[key], p.shard
 
     def optimizer_step_count(self) -> int:
         return optimizer_step_count(self.optimizer)
 
+    def model_states(self) -> dict[str, list]:
+        params = self.params()
+        return {"params": params, "grads": [p.grad for p in params], "master": [],
+                "moments": [v for state in self.optimizer.state.values() for k, v in state.items() if k in OPTIM_KEYS],
+                "buffers": []}
+
     @property
     def loss_scale(self) -> float | None:
-        """fp16: the current loss scale; None in other precisions."""
         return self.scaler.scale if self.scaler else None
 
     def loss_scale_state(self) -> dict | None:
@@ -129,7 +127,7 @@ class NativeEngine:
             if not with_optimizer or step_count == 0:
                 continue
             state = {}
-            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            for key in OPTIM_KEYS:
                 value = read(f"optim.{key}.{name}", p.shard, tuple(p.shape), optional=True)
                 if value is not None:
                     state[key] = value.to(device=p.device, dtype=torch.float32).clone()

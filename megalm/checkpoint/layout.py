@@ -1,16 +1,36 @@
 """Which pieces of which tensors each rank of a target layout owns, computed on the meta device (no memory)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
+from megalm.checkpoint.load import param_name
 from megalm.config import ModelConfig
 from megalm.model.transformer import ModelChunk
-from megalm.parallel.parallelize import is_tied_copy
 from megalm.parallel.pipeline.stage import partition_layers
+from megalm.parallel.shard import is_tied_copy, writes_piece
 from megalm.parallel.topology import TensorParallel
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot start; the message names the file or the numbers."""
+
+
+def check_target_layout(model: ModelConfig, tp: int, pp: int, vs: int) -> None:
+    """The rule book's verdict on (tp, pp, virtual stages) for ``model``, before anything is written."""
+    from megalm.config import Config
+    from megalm.config.rules import validate
+
+    pp_layers = {"pp": pp, "virtual_stages": vs, "tp": tp}
+    cfg = Config.from_dict({"model": dataclasses.asdict(model), "parallel": pp_layers,
+                            "train": {"global_batch_size": 8 * max(pp, 1), "micro_batch_size": 8},
+                            "data": {"seq_len": min(128, model.max_seq_len)}}, explicit=False)
+    try:
+        validate(cfg, tp * pp, cuda=False)
+    except ValueError as e:
+        raise ConvertError(f"target layout tp={tp} pp={pp} virtual_stages={vs} does not fit the model: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -19,12 +39,6 @@ class PlannedPiece:
     spec: object           # ShardSpec of the target rank
     local_shape: tuple
     global_shape: tuple
-
-
-def param_name(tensor_name: str) -> str:
-    """'model.X' and 'optim.<state>.X' both describe parameter X."""
-    head, _, rest = tensor_name.partition(".")
-    return rest if head == "model" else rest.partition(".")[2]
 
 
 def meta_chunks(model: ModelConfig, tp: int, tp_rank: int, pp: int, pp_rank: int, virtual_stages: int = 1,
@@ -48,13 +62,11 @@ def plan_layout(model: ModelConfig, tensor_names, tp: int = 1, pp: int = 1, virt
     plan, placed = {}, set()
     for pp_rank in range(pp):
         for tp_rank in range(tp):
-            topo = SimpleNamespace(pp=pp)
             pieces = []
             for chunk in meta_chunks(model, tp, tp_rank, pp, pp_rank, virtual_stages, explicit):
                 for pname, param in chunk.named_parameters():
                     spec = param.shard
-                    sharded = spec.dim is not None and spec.parts > 1
-                    if is_tied_copy(chunk, pname, topo) or (not sharded and tp_rank != 0):
+                    if is_tied_copy(chunk, pname, pp) or not writes_piece(spec, tp_rank):
                         continue
                     for name in by_param.get(pname, []):
                         shape = tuple(param.shape)

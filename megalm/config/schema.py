@@ -1,0 +1,383 @@
+"""The run configuration's shape: typed sections, a docstring per field (``megalm config`` prints them).
+
+A ``Config`` is built by ``megalm.config.load`` (YAML and dotted overrides), then turned once into the run's
+config by ``megalm.config.resolve`` (checkpoint, tokenizer, DeepSpeed JSON, validation by the rule book), which
+freezes it: assigning to a resolved config raises ``FrozenConfigError``. Every key the user gave (in the YAML
+file or on the command line) is recorded, so "explicitly set" is never guessed from "equal to the default".
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key, which value and what to do."""
+
+
+class FrozenConfigError(AttributeError):
+    """A resolved config was assigned to; resolution is the only place a config changes."""
+
+
+class _Freezable:
+    """Sections and the config refuse assignment once ``freeze()`` ran."""
+    _frozen = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise FrozenConfigError(f"the config is resolved and frozen: {type(self).__name__}.{name} cannot be "
+                                    f"assigned; change the YAML or the overrides instead")
+        object.__setattr__(self, name, value)
+
+
+@dataclass
+class ModelConfig(_Freezable):
+    vocab_size: Optional[int] = None
+    """Vocabulary size. None: taken from the dataset's tokenizer and padded to a multiple of 128 x tp."""
+    hidden_size: int = 256
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 8
+    """Query heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention). None: same as num_heads."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP width. None: 4 x hidden for GELU, the Llama rule (8/3 x hidden rounded up to 256) for SwiGLU."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (size of learned positions; RoPE tables)."""
+    norm: str = "layernorm"
+    """layernorm or rmsnorm."""
+    norm_eps: float = 1e-5
+    """Epsilon inside the norms."""
+    activation: str = "gelu"
+    """gelu (GPT-2 MLP) or swiglu (Llama MLP: gate, up, down)."""
+    position: str = "learned"
+    """learned (GPT-2 absolute positions) or rope."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the LM head."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm (GPT-2: true, Llama: false)."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections only (Qwen2), whatever model.bias says."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities, residual branches and embeddings."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; output projections get std / sqrt(2 x num_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+        return 4 * self.hidden_size
+
+
+@dataclass
+class ParallelConfig(_Freezable):
+    tp: int = 1
+    """Tensor-parallel size (Megatron column/row-parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    dp: Optional[int] = None
+    """Data-parallel replicas. None: world size / (tp x pp)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    schedule: str = "auto"
+    """Pipeline schedule: gpipe, 1f1b or interleaved; auto: interleaved when virtual_stages > 1, else 1f1b."""
+    pipeline_layers: Optional[list] = None
+    """Explicit layer counts per (virtual) stage in pipeline order; None: even split."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between tensor-parallel regions (needs tp > 1)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 for data parallelism."""
+    engine: str = "auto"
+    """native (megalm's own optimizer and DP all-reduce) or deepspeed; auto: deepspeed when zero_stage > 0
+    or deepspeed_config is set."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON config used instead of (and overridden by) megalm's own settings."""
+    zero_offload: bool = False
+    """ZeRO-2/3: keep optimizer state (and ZeRO-3 parameters) in CPU memory."""
+    activation_checkpointing: str = "none"
+    """none, full (recompute each block) or selective (recompute attention only)."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait before the process group gives up (torch.distributed's timeout)."""
+
+
+@dataclass
+class DataConfig(_Freezable):
+    prefix: Optional[str] = "data/stdlib"
+    """Path prefix of the preprocessed dataset (PREFIX.bin, PREFIX.idx, PREFIX.tokenizer.json)."""
+    seq_len: int = 128
+    """Tokens per training sample."""
+    split: list = field(default_factory=lambda: [98, 1, 1])
+    """Train/validation/test weights of the by-document split."""
+    seed: int = 1234
+    """Seed of the split and the sample shuffle."""
+
+
+@dataclass
+class TrainConfig(_Freezable):
+    steps: int = 200
+    """Optimizer steps to train (the run stops at this step; a resumed run continues to it)."""
+    micro_batch_size: int = 8
+    """Samples per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks (= micro x accumulation x dp)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (fp16: dynamic loss scaling, agreed over all ranks; with DeepSpeed it needs a GPU)."""
+    seed: int = 1234
+    """Seed of initialisation and dropout."""
+    run_dir: str = "runs/tiny"
+    """Where metrics, plots and checkpoints go; rerunning on it resumes."""
+    eval_interval: int = 50
+    """Evaluate every this many steps (and at the end); 0: only at the end."""
+    eval_samples: int = 64
+    """Validation/test samples per evaluation."""
+    log_interval: int = 10
+    """Print a progress line every this many steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    initial_loss_scale: float = 65536.0
+    """fp16: the first loss scale, a power of two (halved at every overflow, when that step is skipped)."""
+    loss_scale_window: int = 1000
+    """fp16: double the loss scale after this many steps in a row without overflow."""
+    device: str = "auto"
+    """auto (CUDA when available), cuda or cpu."""
+    stop_at_step: Optional[int] = None
+    """Stop after this step with a checkpoint, as if interrupted (the schedule still ends at train.steps);
+    rerunning the same command resumes. For jobs that must fit a time slot."""
+
+
+@dataclass
+class OptimizerConfig(_Freezable):
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (never applied to norms and biases)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    name: str = "adamw"
+    """adamw or sgd (sgd is for exactness tests)."""
+
+
+@dataclass
+class LRConfig(_Freezable):
+    warmup_steps: int = 20
+    """Linear warmup from 0 to optimizer.lr."""
+    decay: str = "cosine"
+    """cosine, linear or constant decay after warmup, down to optimizer.min_lr at train.steps."""
+
+
+@dataclass
+class CheckpointConfig(_Freezable):
+    interval: int = 100
+    """Save every this many steps (and at the end); 0: only at the end."""
+    keep: int = 2
+    """Keep this many most recent checkpoints."""
+    load: Optional[str] = None
+    """Start from this checkpoint (a run dir or a step folder) when train.run_dir has none of its own yet;
+    its model settings are adopted. Used for fine-tuning (megalm finetune) and for moving a run."""
+    load_weights_only: bool = False
+    """With checkpoint.load: take the weights only (fresh optimizer, step 0, data from the start)."""
+    save_optimizer: bool = True
+    """Save optimizer state (needed for exact resume)."""
+    deepspeed_native: bool = False
+    """Under DeepSpeed, also write DeepSpeed's own ZeRO checkpoint at each save, to train.run_dir/deepspeed/
+    (tag global_stepN), for DeepSpeed's tools; `megalm convert from-deepspeed` reads it back. Needs pp = 1."""
+
+
+@dataclass
+class LoggingConfig(_Freezable):
+    tensorboard: bool = True
+    """Write TensorBoard events when tensorboard is installed."""
+    plot: bool = True
+    """Write loss_curve.png into the run dir at the end."""
+
+
+@dataclass
+class KernelConfig(_Freezable):
+    attention: str = "auto"
+    """auto (Triton on CUDA, PyTorch on CPU), triton or torch."""
+    norm: str = "auto"
+    """auto, triton or torch."""
+    rope: str = "auto"
+    """Rotary embedding: auto, triton (fused, one pass) or torch."""
+    swiglu: str = "auto"
+    """SwiGLU activation: auto, triton (fused silu(gate) * up) or torch."""
+    cross_entropy: str = "auto"
+    """The head's loss at tp = 1: auto, triton (fused linear + cross entropy, never the full logits) or torch."""
+
+
+SECTIONS = {
+    "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig,
+    "optimizer": OptimizerConfig, "lr": LRConfig, "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig, "kernels": KernelConfig,
+}
+
+
+
+@dataclass
+class Config(_Freezable):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_explicit", set())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, explicit: bool = True) -> "Config":
+        """``explicit``: the values count as given by the user (False for a saved config being reused)."""
+        cfg = cls()
+        for section, values in (data or {}).items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping of keys to values, got "
+                                  f"{values!r}")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value, explicit=explicit)
+        return cfg
+
+    def set(self, dotted: str, value: Any, explicit: bool = True) -> None:
+        """Set ``section.key`` to ``value`` (a string from the command line is parsed as YAML, then typed)."""
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {dotted!r}{_suggest(section, SECTIONS)}")
+        obj = getattr(self, section)
+        names = {f.name for f in fields(obj)}
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(key, names, section + '.')}")
+        hint = get_type_hints(type(obj))[key]
+        setattr(obj, key, _coerce(dotted, value, hint))
+        if explicit:
+            self._explicit.add(dotted)
+
+    def is_set(self, dotted: str) -> bool:
+        """Whether the user gave ``section.key`` (in the YAML file or an override), whatever its value."""
+        return dotted in self._explicit
+
+    @property
+    def explicit_keys(self) -> frozenset:
+        return frozenset(self._explicit)
+
+    def freeze(self) -> "Config":
+        """Make this config and its sections read-only (lists become tuples); returns self."""
+        for f in fields(self):
+            section = getattr(self, f.name)
+            for sf in fields(section):
+                value = getattr(section, sf.name)
+                if isinstance(value, list):
+                    object.__setattr__(section, sf.name, tuple(value))
+            object.__setattr__(section, "_frozen", True)
+        object.__setattr__(self, "_explicit", frozenset(self._explicit))
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def mutable_copy(self) -> "Config":
+        """An unfrozen copy with the same values and the same record of explicitly set keys."""
+        copy = Config()
+        for f in fields(self):
+            section, target = getattr(self, f.name), getattr(copy, f.name)
+            for sf in fields(section):
+                value = getattr(section, sf.name)
+                setattr(target, sf.name, list(value) if isinstance(value, tuple) else value)
+        copy._explicit.update(self._explicit)
+        return copy
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp * (self.parallel.dp or 1)
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        p = self.parallel
+        if p.engine == "auto":
+            return p.zero_stage > 0 or p.deepspeed_config is not None
+        return p.engine == "deepspeed"
+
+    @property
+    def schedule(self) -> str:
+        if self.parallel.schedule == "auto":
+            return "interleaved" if self.parallel.virtual_stages > 1 else "1f1b"
+        return self.parallel.schedule
+
+    def grad_accumulation_steps(self, dp: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+
+def _suggest(word: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {prefix + close[0]!r}?" if close else f"; valid: {', '.join(sorted(candidates))}"
+
+
+def _coerce(dotted: str, value: Any, hint) -> Any:
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(f"{dotted}={value!r} cannot be read as a value; quote it or fix its syntax") from None
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{dotted} may not be empty")
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{dotted}={value!r} must be true or false")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{dotted}={value!r} must be an integer")
+    if base is float and isinstance(value, str):
+        try:
+            value = float(value)      # YAML 1.1 reads "1e-2" (no dot) as a string
+        except ValueError:
+            pass
+    if base is float and not isinstance(value, (int, float)):
+        raise ConfigError(f"{dotted}={value!r} must be a number")
+    if base is float:
+        return float(value)
+    if base is str and not isinstance(value, str):
+        return str(value)
+    if base is list and isinstance(value, tuple):
+        value = list(value)
+    if base is list and not isinstance(value, list):
+        raise ConfigError(f"{dotted}={value!r} must be a list, e.g. [1, 2]")
+    return value

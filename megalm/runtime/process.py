@@ -1,0 +1,53 @@
+"""Bring a process up for a run from a resolved config: process group, device, seed, topology."""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megalm.config import Config
+from megalm.parallel.topology import Topology, build_topology
+from megalm.runtime.env import LaunchInfo, export_launch_env, pick_device
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    info: LaunchInfo
+    device: torch.device
+    topo: Topology
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.info.rank == 0
+
+
+def init_process_group(info: LaunchInfo, device: torch.device, timeout_s: float) -> None:
+    """Join the default group (NCCL on CUDA, gloo on CPU) unless this is a world of one or one exists."""
+    if info.world_size == 1 or dist.is_initialized():
+        return
+    export_launch_env(info)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def start(cfg: Config, info: LaunchInfo) -> Runtime:
+    """``cfg`` is resolved (validated on every rank, so every rank failed together before this point)."""
+    export_launch_env(deepspeed=info.world_size > 1 or cfg.uses_deepspeed)
+    device = pick_device(cfg.train.device, info.local_rank)
+    init_process_group(info, device, cfg.parallel.timeout_s)
+    torch.manual_seed(cfg.train.seed)
+    topo = build_topology(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
+    return Runtime(cfg, info, device, topo)
+
+
+def finish(rt: Runtime) -> None:
+    """Leave the process group, unless someone else (a test harness, a notebook) created it."""
+    if dist.is_initialized():
+        dist.barrier()
+        if rt.info.launcher != "preinitialized":
+            dist.destroy_process_group()
