@@ -14,7 +14,7 @@ from megalm.config import ModelConfig
 
 def matmul_params(m: ModelConfig) -> dict[str, int]:
     """Weights that take part in matrix multiplies, by part (the embedding lookup is not one)."""
-    h, hd = m.hidden_size, m.head_dim
+    h, hd = m.hidden_size, m.dim_per_head
     attention = h * m.num_heads * hd + 2 * h * m.kv_heads * hd + m.num_heads * hd * h
     mlp = (3 if m.activation == "swiglu" else 2) * h * m.ffn_size
     return {"attention": m.num_layers * attention, "mlp": m.num_layers * mlp, "lm_head": h * m.vocab_size}
@@ -29,7 +29,7 @@ class FlopsPerToken:
 
 def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none") -> FlopsPerToken:
     n = sum(matmul_params(m).values())
-    attention_core = 2 * 2 * seq_len * m.num_heads * m.head_dim * m.num_layers   # QK^T and PV
+    attention_core = 2 * 2 * seq_len * m.num_heads * m.dim_per_head * m.num_layers   # QK^T and PV
     forward = 2 * n + attention_core
     model = 3 * forward
     extra = {"none": 0, "full": forward - 2 * matmul_params(m)["lm_head"], "selective": attention_core}[recompute]

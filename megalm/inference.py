@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from megalm.checkpoint.format import CheckpointError, latest_checkpoint
-from megalm.checkpoint.load import CheckpointReader, verify_for_rank
+from megalm.checkpoint.load import CheckpointReader, verify_collectively
 from megalm.config import Config, resolve
 from megalm.data.tokenizer import load_tokenizer
 from megalm.engine import ForwardEngine
@@ -38,8 +38,7 @@ def load_model(cfg: Config, reader: CheckpointReader) -> tuple[Runtime, Config, 
     cfg = resolve(cfg, info.world_size)
     rt = start(cfg, info)
     chunks = build_chunks(cfg, rt.topo, rt.device, init=False)
-    specs = {name: p.shard for chunk in chunks for name, p in chunk.named_parameters()}
-    verify_for_rank(reader, specs, rt.topo.dp_rank, rt.topo.dp, with_optimizer=False)
+    verify_collectively(reader)
     with torch.no_grad():
         for chunk in chunks:
             for name, p in chunk.named_parameters():
@@ -52,5 +51,5 @@ def checkpoint_tokenizer(reader: CheckpointReader):
     """The checkpoint's tokenizer (checked against its sha256 first), or None when it carries none."""
     if "tokenizer.json" not in reader.manifest["files"]:
         return None
-    reader.verify_files(["tokenizer.json"])
+    reader.verify_files(n for n in ("tokenizer.json", "tokenizer.special.json") if n in reader.manifest["files"])
     return load_tokenizer(str(Path(reader.folder) / "tokenizer.json"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import threading
 import time
@@ -41,7 +42,7 @@ def _prepare_destination(dst: Path) -> Path:
 
 
 def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: dict, tp=1, pp=1, vs=1,
-                     tokenizer_file=None, label="convert", before_commit=None, locate=None) -> dict:
+                     tokenizer_file=None, label="convert", before_commit=None, locate=None, special=None) -> dict:
     """Write a megalm checkpoint in layout (tp, pp, vs).
 
     tensors: name -> (dtype, global shape) of every tensor the source holds; ``read(name, spec, local_shape)``
@@ -86,7 +87,7 @@ def write_checkpoint(dst: Path, model: ModelConfig, tensors: dict, read, meta: d
         for p in pieces:
             piece = piece_entry(p.spec, p.local_shape, f, p.name)
             add_piece(manifest, p.name, p.global_shape, tensors[p.name][0], piece)
-    add_tokenizer(tmp, manifest, tokenizer_file)
+    add_tokenizer(tmp, manifest, tokenizer_file, special)
     if before_commit is not None:
         before_commit()
     commit(tmp, dst, manifest)
@@ -186,9 +187,18 @@ def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
         found = rows_byte_range(start, end, 0, rows, rows, spec)
         return None if found is None else (f, *found)
 
-    tok = src / "tokenizer.json"
-    return write_checkpoint(Path(dst), model, tensors, read, base_meta(cfg), tp, pp, vs, tok, "convert from-hf",
-                            locate=locate)
+    tokenizer = _source_tokenizer(src)
+    return write_checkpoint(Path(dst), model, tensors, read, base_meta(cfg), tp, pp, vs,
+                            src / "tokenizer.json" if tokenizer else None, "convert from-hf", locate=locate,
+                            special=tokenizer.special if tokenizer else None)
+
+
+def _source_tokenizer(src: Path):
+    """The Hugging Face folder's tokenizer, checked to be one (and its special tokens read) before it is copied;
+    None when the folder has no tokenizer.json."""
+    from megalm.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(src) if (src / "tokenizer.json").exists() else None
 
 
 # ---- megalm -> Hugging Face ------------------------------------------------------------------------------
@@ -227,12 +237,11 @@ def convert_to_hf(src, dst) -> dict:
         as_read.clear()
     out.close()
     out.wait_durable()
+    tokenizer = _checkpoint_tokenizer(reader)
+    if tokenizer is not None:
+        hf_config.update(_token_ids(tokenizer))
+        _write_hf_tokenizer(tmp, folder / "tokenizer.json", tokenizer, model.max_seq_len)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
-    if (folder / "tokenizer.json").exists():
-        shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-             "model_max_length": model.max_seq_len}, indent=1))
     verified.result()                             # the source's sha256s, checked alongside; raises if damaged
     if dst.exists():
         dst.rmdir()                               # empty: _prepare_destination refused anything else
@@ -241,6 +250,39 @@ def convert_to_hf(src, dst) -> dict:
     print(f"convert to-hf: wrote {total / 1e9:.3f} GB to {dst} in {seconds:.2f}s "
           f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s)", flush=True)
     return {"bytes": total, "seconds": seconds}
+
+
+def _checkpoint_tokenizer(reader: CheckpointReader):
+    """The checkpoint's tokenizer, its file and special-tokens record checked against the manifest and parsed."""
+    from megalm.data.tokenizer import load_tokenizer
+
+    names = [n for n in ("tokenizer.json", "tokenizer.special.json") if n in reader.manifest["files"]]
+    if "tokenizer.json" not in names:
+        return None
+    reader.verify_files(names)
+    return load_tokenizer(reader.folder / "tokenizer.json")
+
+
+def _token_ids(tokenizer) -> dict:
+    ids = {"bos_token_id": tokenizer.token_id(tokenizer.special.bos), "eos_token_id": tokenizer.eod_id,
+           "pad_token_id": tokenizer.token_id(tokenizer.special.pad)}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _write_hf_tokenizer(out: Path, tokenizer_file: Path, tokenizer, max_len: int) -> None:
+    """tokenizer.json as it is (no token added), and what transformers reads beside it: the special tokens in
+    tokenizer_config.json and special_tokens_map.json, the chat template, and the ids in generation_config.json."""
+    special = tokenizer.special
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    tokens = {f"{role}_token": getattr(special, role if role != "eos" else "eod") for role in ("bos", "eos", "pad")}
+    tokens = {k: v for k, v in tokens.items() if v is not None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens, "add_bos_token": special.add_bos,
+              "add_eos_token": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    if special.chat_template is not None:
+        config["chat_template"] = special.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps(tokens, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(_token_ids(tokenizer), indent=1))
 
 
 # ---- DeepSpeed ZeRO -> megalm ----------------------------------------------------------------------------
@@ -261,15 +303,30 @@ def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
 
 # ---- command line ----------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
+def check_destination(dst: Path) -> None:
+    """Before any work: --dst must be a new path (or an empty folder) whose parent can be written."""
+    if dst.exists() and not dst.is_dir():
+        raise ConvertError(f"--dst {dst} is a file; give a folder path that does not exist yet")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise ConvertError(f"{dst} exists and is not empty; megalm convert never overwrites: choose a new --dst")
+    parent = dst.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise ConvertError(f"cannot write into {parent} (permission denied); choose another --dst")
 
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megalm convert", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="kind", required=True)
     for kind in ("layout", "from-hf", "to-hf", "from-deepspeed"):
         p = sub.add_parser(kind)
         p.add_argument("--src", required=True)
         p.add_argument("--dst", required=True)
-        p.add_argument("--verify", action="store_true", help="compare logits before and after")
+        p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=kind in ("from-hf", "to-hf"),
+                       help="compare the logits of source and result before anything is committed at --dst "
+                            "(default: on for from-hf and to-hf)")
+        p.add_argument("--verify-seq-len", type=int, default=1024,
+                       help="the longest verification batch (capped at the model's max_seq_len)")
         if kind in ("layout", "from-hf"):
             p.add_argument("--tp", type=int, default=1)
             p.add_argument("--pp", type=int, default=1)
@@ -278,33 +335,51 @@ def main(argv=None) -> int:
             p.add_argument("--config", required=True, help="the megalm config the DeepSpeed run trained")
             p.add_argument("--tag", help="checkpoint tag (default: the 'latest' file)")
     args = ap.parse_args(argv)
-    if args.kind == "layout":
-        convert_layout(args.src, args.dst, args.tp, args.pp, args.virtual_stages)
-    elif args.kind == "from-hf":
-        convert_from_hf(args.src, args.dst, args.tp, args.pp, args.virtual_stages)
-    elif args.kind == "to-hf":
-        convert_to_hf(args.src, args.dst)
-    else:
-        convert_from_deepspeed(args.src, args.dst, args.config, args.tag)
-    if args.verify:
-        _verify(args)
+    dst = Path(args.dst)
+    check_destination(dst)
+    staging = dst.resolve().parent / f".{dst.name}.converting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _convert(args, staging)
+        if args.verify:
+            _verify(args, staging)
+        if dst.is_dir():
+            dst.rmdir()                                  # empty: check_destination refused anything else
+        staging.rename(dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)      # after an error nothing is left at --dst or beside it
+        for leftover in staging.parent.glob(f"{staging.name}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    print(f"convert {args.kind}: committed {dst}" + (" (verified)" if args.verify else " (not verified: "
+                                                      "--no-verify)" if args.kind in ("from-hf", "to-hf") else ""))
     return 0
 
 
-def _verify(args) -> dict:
+def _convert(args, dst: Path) -> None:
+    if args.kind == "layout":
+        convert_layout(args.src, dst, args.tp, args.pp, args.virtual_stages)
+    elif args.kind == "from-hf":
+        convert_from_hf(args.src, dst, args.tp, args.pp, args.virtual_stages)
+    elif args.kind == "to-hf":
+        convert_to_hf(args.src, dst)
+    else:
+        convert_from_deepspeed(args.src, dst, args.config, args.tag)
+
+
+def _verify(args, result: Path) -> dict:
     """Logits of the source (in its own format) against the converted model (in megalm or transformers)."""
     from megalm.checkpoint import verify
 
-    megalm_side = args.src if args.kind == "to-hf" else args.dst
+    megalm_side = args.src if args.kind == "to-hf" else result
     model_cfg = Config.from_dict(CheckpointReader(latest_checkpoint(megalm_side)).manifest["config"]).model
     if args.kind == "layout":
-        before, after = verify.megalm_logits_fn(args.src), verify.megalm_logits_fn(args.dst)
+        before, after = verify.megalm_logits_fn(args.src), verify.megalm_logits_fn(result)
     elif args.kind == "from-hf":
-        before, after = verify.hf_logits_fn(args.src), verify.megalm_logits_fn(args.dst)
+        before, after = verify.hf_logits_fn(args.src), verify.megalm_logits_fn(result)
     elif args.kind == "to-hf":
-        before, after = verify.megalm_logits_fn(args.src), verify.hf_logits_fn(args.dst)
+        before, after = verify.megalm_logits_fn(args.src), verify.hf_logits_fn(result)
     else:
         from megalm.checkpoint.deepspeed import deepspeed_logits_fn
 
-        before, after = deepspeed_logits_fn(args.src, model_cfg, args.tag), verify.megalm_logits_fn(args.dst)
-    return verify.compare(before, after, verify.fixed_batch(model_cfg), f"convert {args.kind}")
+        before, after = deepspeed_logits_fn(args.src, model_cfg, args.tag), verify.megalm_logits_fn(result)
+    return verify.verify(before, after, model_cfg, f"convert {args.kind}", args.verify_seq_len)

@@ -1,8 +1,9 @@
 """Load with resharding: any rank reads exactly its slice of each global tensor, whatever layout wrote it.
 
-Verification costs each rank what it reads, not the checkpoint's size: ``verify_for_rank`` hashes only the
-files holding this rank's slices, split among the data-parallel replicas that read the same files, and the
-ranks agree on the verdict (one small all-reduce) before any weight is used.
+Verification costs each rank a share of the checkpoint, not the whole of it: ``verify_collectively`` splits the
+files among the ranks (file i is hashed by rank i mod world), and the ranks agree on the verdict (one small
+all-reduce) before any weight is used. A checkpoint lives on a file system every rank reads, so a file one rank
+verified is the file every rank reads.
 """
 from __future__ import annotations
 
@@ -48,18 +49,6 @@ class CheckpointReader:
         bad = self.first_mismatch(names)
         if bad is not None:
             raise CheckpointError(damaged_message(self.folder / bad))
-
-    def files_for(self, shard_specs: dict, with_optimizer: bool = True) -> list[str]:
-        """The files holding any piece of this rank's slices: ``shard_specs`` maps parameter name -> ShardSpec."""
-        files = set()
-        for name, entry in self.manifest["tensors"].items():
-            spec = shard_specs.get(param_name(name), False)
-            if spec is False or (not with_optimizer and not name.startswith("model.")):
-                continue
-            for piece in pieces_of(self.manifest, name):
-                if _overlaps(piece, spec, entry["shape"]):
-                    files.add(piece.file)
-        return sorted(files)
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -138,30 +127,19 @@ class CheckpointReader:
         return torch.cat(parts, dim=piece_dim) if len(parts) > 1 else parts[0]
 
 
-def _overlaps(piece, spec, shape) -> bool:
-    """Whether a stored piece holds any of the slice ``spec`` cuts (all pieces do when the cuts differ)."""
-    if piece.dim is None or spec is None or not spec.is_sharded or spec.dim != piece.dim:
-        return True
-    lo, hi = spec.bounds(shape[piece.dim])
-    return piece.offset < hi and lo < piece.offset + piece.length
-
-
-def verify_for_rank(reader: CheckpointReader, shard_specs: dict, dp_rank: int = 0, dp: int = 1,
-                    with_optimizer: bool = True) -> None:
-    """Collective when a process group exists: every rank calls it. The files this rank reads are split among
-    its ``dp`` data-parallel replicas (which read the same files); each hashes its share, and one all-reduce
-    tells every rank whether some file failed, naming the same file everywhere."""
-    needed = reader.files_for(shard_specs, with_optimizer)
+def verify_collectively(reader: CheckpointReader) -> None:
+    """Collective when a process group exists: every rank calls it. Each rank hashes its share of the files; one
+    all-reduce tells every rank whether some file failed, and every rank names the same file."""
     names = sorted(reader.manifest["files"])
-    mismatch = reader.first_mismatch(f for i, f in enumerate(needed) if i % dp == dp_rank)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mismatch = reader.first_mismatch(f for i, f in enumerate(names) if i % world == rank)
     bad = 0 if mismatch is None else names.index(mismatch) + 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         flag = torch.tensor([bad], dtype=torch.long)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         bad = int(flag)
     if bad:
         raise CheckpointError(damaged_message(reader.folder / names[bad - 1]))
-
 
 
 def safetensors_offsets(path: Path) -> dict:

@@ -2,6 +2,7 @@
 checkpoint becomes all go through these functions, so every manifest has the same fields."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -47,8 +48,19 @@ def add_written(manifest: dict, written: dict) -> None:
         add_piece(manifest, name, entry["shape"], entry["dtype"], entry["piece"])
 
 
-def add_tokenizer(folder: Path, manifest: dict, tokenizer_file) -> None:
-    """Copy ``tokenizer_file`` (when there is one) into a checkpoint being written, its sha256 into the manifest."""
-    if tokenizer_file and Path(tokenizer_file).exists():
-        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
-        manifest["files"]["tokenizer.json"] = sha256_file(folder / "tokenizer.json")
+def add_tokenizer(folder: Path, manifest: dict, tokenizer_file, special=None) -> None:
+    """Copy ``tokenizer_file`` (when there is one) into a checkpoint being written with its special-tokens record
+    (``special``, else the record beside the file when there is one), their sha256s into the manifest."""
+    from megalm.data.tokenizer import special_path
+
+    if not (tokenizer_file and Path(tokenizer_file).exists()):
+        return
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    manifest["files"]["tokenizer.json"] = sha256_file(folder / "tokenizer.json")
+    record = folder / "tokenizer.special.json"
+    if special is not None:
+        record.write_text(json.dumps(special.to_dict(), indent=1))
+    elif Path(special_path(tokenizer_file)).is_file():
+        shutil.copyfile(special_path(tokenizer_file), record)
+    if record.exists():
+        manifest["files"][record.name] = sha256_file(record)

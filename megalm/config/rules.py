@@ -19,6 +19,7 @@ CHOICES = {
     ("model", "norm"): ("layernorm", "rmsnorm"),
     ("model", "activation"): ("gelu", "swiglu"),
     ("model", "position"): ("learned", "rope"),
+    ("model", "rope_scaling"): ("none", "llama3"),
     ("parallel", "schedule"): ("auto", *SCHEDULE_NAMES),
     ("parallel", "engine"): ("auto", "native", "deepspeed"),
     ("parallel", "activation_checkpointing"): ("none", "full", "selective"),
@@ -41,7 +42,12 @@ RANGES = {
     "model.ffn_hidden_size": (1, True, None, False),
     "model.max_seq_len": (1, True, None, False),
     "model.norm_eps": (0.0, False, None, False),
+    "model.head_dim": (1, True, None, False),
     "model.rope_theta": (0.0, False, None, False),
+    "model.rope_factor": (1.0, True, None, False),
+    "model.rope_low_freq_factor": (0.0, False, None, False),
+    "model.rope_high_freq_factor": (0.0, False, None, False),
+    "model.rope_original_max_seq_len": (1, True, None, False),
     "model.dropout": (0.0, True, 1.0, False),
     "model.init_std": (0.0, False, None, False),
     "parallel.tp": (1, True, None, False),
@@ -113,14 +119,20 @@ def check_choices_and_ranges(cfg: Config) -> None:
 
 def check_model(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
-    if m.hidden_size % m.num_heads:
+    if m.head_dim is None and m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-                          f"pick a hidden size that is a multiple of {m.num_heads}")
+                          f"pick a hidden size that is a multiple of {m.num_heads}, or set model.head_dim")
     if m.num_heads % m.kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}; "
                           f"grouped-query attention needs whole groups")
-    if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"RoPE needs an even head dim; hidden_size/num_heads = {m.head_dim}")
+    if m.position == "rope" and m.dim_per_head % 2:
+        raise ConfigError(f"RoPE needs an even head dim; got {m.dim_per_head} (model.head_dim, or hidden_size / "
+                          f"num_heads when unset)")
+    if m.rope_scaling != "none" and m.position != "rope":
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling} needs model.position=rope")
+    if m.rope_scaling == "llama3" and not m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise ConfigError(f"model.rope_low_freq_factor={m.rope_low_freq_factor} must be below "
+                          f"model.rope_high_freq_factor={m.rope_high_freq_factor} (Llama 3 uses 1 and 4)")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"lower data.seq_len or raise model.max_seq_len")

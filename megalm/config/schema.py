@@ -47,6 +47,10 @@ class ModelConfig(_Freezable):
     """Query heads."""
     num_kv_heads: Optional[int] = None
     """Key/value heads (grouped-query attention). None: same as num_heads."""
+    head_dim: Optional[int] = None
+    """Width of one attention head. None: hidden_size / num_heads (Mistral-Nemo and Qwen3 set it apart)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key before RoPE (Qwen3), with one weight of head_dim per layer."""
     ffn_hidden_size: Optional[int] = None
     """MLP width. None: 4 x hidden for GELU, the Llama rule (8/3 x hidden rounded up to 256) for SwiGLU."""
     max_seq_len: int = 256
@@ -61,6 +65,16 @@ class ModelConfig(_Freezable):
     """learned (GPT-2 absolute positions) or rope."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: str = "none"
+    """none, or llama3 (Llama 3.1-3.3's frequency-dependent stretch of the RoPE wavelengths)."""
+    rope_factor: float = 8.0
+    """llama3 scaling: how much longer than the original context the long wavelengths are stretched."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_max_seq_len / low_freq_factor are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_max_seq_len / high_freq_factor are kept; between, smoothed."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 scaling: the context length the model was pretrained with before scaling."""
     tie_embeddings: bool = True
     """Share the input embedding with the LM head."""
     bias: bool = True
@@ -77,8 +91,8 @@ class ModelConfig(_Freezable):
         return self.num_kv_heads or self.num_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:

@@ -24,7 +24,15 @@ from tqdm import tqdm
 from megalm.data.corpus import iter_file_documents, resolve_inputs
 from megalm.data.errors import DataError
 from megalm.data.indexed import IndexedDatasetWriter, best_dtype
-from megalm.data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, load_tokenizer, tokenizer_path, train_tokenizer
+from megalm.data.tokenizer import (
+    MIN_VOCAB_SIZE,
+    SpecialTokens,
+    Tokenizer,
+    load_tokenizer,
+    special_path,
+    tokenizer_path,
+    train_tokenizer,
+)
 
 DEFAULT_VOCAB_SIZE = 8192
 _CHUNK_CHARS = 1 << 20  # about 1 MB of text per task sent to a worker
@@ -73,11 +81,13 @@ def _chunks(docs: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
 
 
 def _encode(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a chunk; return its ids (every document followed by EOD) flat, and each document's length."""
+    """Encode a chunk; return its ids (every document followed by EOD, and led by BOS where the tokenizer says
+    documents start with it) flat, and each document's length."""
     ids = tok.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    bos = [tok.bos_id] if tok.special.add_bos and tok.bos_id is not None else []
     eod = [tok.eod_id]
-    flat = np.fromiter(itertools.chain.from_iterable(x + eod for x in ids), dtype=dtype,
+    lengths = np.fromiter((len(bos) + len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(bos + x + eod for x in ids), dtype=dtype,
                        count=int(lengths.sum()))
     return flat, lengths
 
@@ -86,9 +96,9 @@ def _encode(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarr
 _worker: dict = {}
 
 
-def _init_worker(tok_json: str, eod_token: str, dtype: str) -> None:
+def _init_worker(tok_json: str, special: dict, parse_special: bool, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; one thread per worker
-    _worker["tok"] = Tokenizer.from_str(tok_json, eod_token)
+    _worker["tok"] = Tokenizer.from_str(tok_json, SpecialTokens(**special), parse_special)
     _worker["dtype"] = np.dtype(dtype)
 
 
@@ -103,7 +113,8 @@ def _encode_chunks(chunks: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype,
             yield _encode(tok, chunk, dtype)
         return
     ctx = multiprocessing.get_context("spawn")  # fork after tokenizers' thread pool has run can deadlock
-    with ctx.Pool(workers, _init_worker, (tok.to_str(), tok.eod_token, dtype.str)) as pool:
+    state = (tok.to_str(), tok.special.to_dict(), tok.parse_special, dtype.str)
+    with ctx.Pool(workers, _init_worker, state) as pool:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
@@ -129,11 +140,11 @@ def _check_args(output_prefix, tokenizer, vocab_size, workers, min_chars, max_ch
                         f"{pathlib.Path(output_prefix) / 'corpus'} (PREFIX.bin and PREFIX.idx are written)")
 
 
-def _get_tokenizer(tokenizer, vocab_size) -> Tokenizer | None:
+def _get_tokenizer(tokenizer, vocab_size, parse_special: bool = False) -> Tokenizer | None:
     """Load ``tokenizer`` if given (and check an explicit vocab_size against it); None means train one."""
     if tokenizer is None:
         return None
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, parse_special)
     if vocab_size is not None and vocab_size < tok.vocab_size:
         raise DataError(f"--vocab-size {vocab_size} is smaller than the vocabulary of tokenizer {tokenizer} "
                         f"({tok.vocab_size} tokens): its ids would not fit; pass --vocab-size >= "
@@ -143,19 +154,22 @@ def _get_tokenizer(tokenizer, vocab_size) -> Tokenizer | None:
 
 def preprocess(inputs: list[str] | None, output_prefix: str, jsonl_key: str = "text",
                tokenizer: str | None = None, vocab_size: int | None = None, workers: int = 1,
-               min_chars: int = 1, max_chars: int = 1_000_000, show_progress: bool = True) -> dict:
+               min_chars: int = 1, max_chars: int = 1_000_000, show_progress: bool = True,
+               parse_special: bool = False) -> dict:
     """Clean, tokenize and write ``inputs`` (None: the embedded default corpus) to ``output_prefix``.
 
     ``tokenizer`` is a tokenizer.json or a Hugging Face tokenizer folder; without one a byte-level BPE of
     ``vocab_size`` (default 8192) is trained on the cleaned corpus. The tokenizer is saved to
-    ``tokenizer_path(output_prefix)``. Returns counts, sizes and timings.
+    ``tokenizer_path(output_prefix)``, its special tokens beside it. Literal special-token text in a document
+    (``<|endoftext|>`` in a file about tokenizers) is encoded as text unless ``parse_special``. Returns counts,
+    sizes and timings.
     """
     _check_args(output_prefix, tokenizer, vocab_size, workers, min_chars, max_chars, jsonl_key)
     files = resolve_inputs(inputs)
     if not files:
         raise DataError("no input files: pass files or folders to --input, or leave it out for the default "
                         "corpus")
-    tok = _get_tokenizer(tokenizer, vocab_size)
+    tok = _get_tokenizer(tokenizer, vocab_size, parse_special)
     pathlib.Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -196,8 +210,10 @@ def preprocess(inputs: list[str] | None, output_prefix: str, jsonl_key: str = "t
 
 
 def _save_tokenizer(tok: Tokenizer, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """The tokenizer and its special-tokens record, each written aside and renamed into place."""
+    tmp = f"{path}.tmp-{os.getpid()}.json"
     tok.save(tmp)
+    os.replace(special_path(tmp), special_path(path))
     os.replace(tmp, path)
 
 
@@ -243,6 +259,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--min-chars", type=int, default=1, metavar="N", help="drop shorter documents")
     p.add_argument("--max-chars", type=int, default=1_000_000, metavar="N", help="drop longer documents")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="encode special-token text inside documents as the special token (default: as text)")
     return p
 
 
@@ -250,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         preprocess(args.input, args.output_prefix, args.jsonl_key, args.tokenizer, args.vocab_size,
-                   args.workers, args.min_chars, args.max_chars, show_progress=not args.quiet)
+                   args.workers, args.min_chars, args.max_chars, show_progress=not args.quiet,
+                   parse_special=args.parse_special_tokens)
     except DataError as e:
         print(f"megalm preprocess: error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,15 @@
 """Byte-level BPE (GPT-2 style) through Hugging Face ``tokenizers``: train, load, save, size the vocabulary.
 
-Every document ends with the end-of-document token ``<|endoftext|>``; the loader concatenates documents, so
-that token is what tells the model where one stops and the next starts.
+Every document ends with the tokenizer's end-of-document token (``<|endoftext|>`` for the BPE megalm trains,
+Hugging Face's eos_token otherwise: ``</s>``, ``<|im_end|>``, ...); the loader concatenates documents, so that
+token is what tells the model where one stops and the next starts. The special tokens are recorded beside the
+tokenizer (``SpecialTokens``), so nothing is guessed later.
 """
 from __future__ import annotations
 
 import json
 import pathlib
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
 import tokenizers
@@ -15,29 +18,62 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from megalm.data.errors import DataError
 
 EOD_TOKEN = "<|endoftext|>"
-# Other names of the end-of-document token in tokenizers trained elsewhere (Llama 2, Llama 3, Gemma).
+# Other names of the end-of-document token in tokenizers trained elsewhere (Llama 2, Llama 3, Gemma), used only
+# for a bare tokenizer.json that carries no record of its special tokens.
 _OTHER_EOD_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + <|endoftext|>
 
 
-class Tokenizer:
-    """A ``tokenizers.Tokenizer`` plus the end-of-document id; encodes without adding BOS/EOS of its own."""
+@dataclass(frozen=True)
+class SpecialTokens:
+    """What a tokenizer.json does not say about itself: which token ends a document (Hugging Face's eos), the
+    beginning-of-sequence and padding tokens, whether documents start with BOS, and the chat template. Recorded
+    at preprocess, saved beside the tokenizer (``special_path``), carried by every checkpoint, and written back
+    by ``convert to-hf``."""
+    eod: str
+    bos: str | None = None
+    pad: str | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
 
-    def __init__(self, tok: tokenizers.Tokenizer, eod_token: str | None = None, source: str = "<memory>"):
-        self._tok = tok
-        self.source = source
-        candidates = (eod_token,) if eod_token else (EOD_TOKEN, *_OTHER_EOD_TOKENS)
-        ids = [tok.token_to_id(t) for t in candidates]
-        found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
-        if not found:
-            raise DataError(f"tokenizer {source} has no end-of-document token (looked for "
-                            f"{', '.join(candidates)}): add {EOD_TOKEN!r} as a special token, or let "
-                            f"megalm preprocess train one with --vocab-size")
-        self.eod_token, self.eod_id = found[0]
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> "SpecialTokens":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown or not isinstance(data.get("eod"), str):
+            raise DataError(f"{source} is not a megalm special-tokens record (keys {sorted(data)}); re-run megalm "
+                            f"preprocess to write it")
+        return cls(**data)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` and its special tokens; encodes without adding BOS/EOS of its own, and with
+    literal special-token text inside a document encoded as text (``parse_special=True``: as the special token)."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, special: SpecialTokens | str | None = None,
+                 source: str = "<memory>", parse_special: bool = False):
+        self._tok, self.source = tok, source
+        if not isinstance(special, SpecialTokens):
+            special = SpecialTokens(_find_eod(tok, special, source))
+        for role in ("eod", "bos", "pad"):
+            token = getattr(special, role)
+            if token is not None and tok.token_to_id(token) is None:
+                raise DataError(f"tokenizer {source}: its {role} token {token!r} is not in its vocabulary; fix the "
+                                f"tokenizer's special tokens")
+        self.special = special
+        self.eod_token, self.eod_id = special.eod, tok.token_to_id(special.eod)
+        self.bos_id = tok.token_to_id(special.bos) if special.bos else None
+        self.parse_special = parse_special
+        tok.encode_special_tokens = not parse_special
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -52,11 +88,29 @@ class Tokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_str(cls, data: str, eod_token: str | None = None) -> "Tokenizer":
-        return cls(tokenizers.Tokenizer.from_str(data), eod_token)
+    def from_str(cls, data: str, special: SpecialTokens | str | None = None, parse_special: bool = False):
+        return cls(tokenizers.Tokenizer.from_str(data), special, parse_special=parse_special)
 
     def save(self, path: str | pathlib.Path) -> None:
+        """tokenizer.json at ``path`` and the special-tokens record beside it."""
         self._tok.save(str(path))
+        pathlib.Path(special_path(path)).write_text(json.dumps(self.special.to_dict(), indent=1))
+
+
+def _find_eod(tok, eod_token: str | None, source: str) -> str:
+    candidates = (eod_token,) if eod_token else (EOD_TOKEN, *_OTHER_EOD_TOKENS)
+    found = [t for t in candidates if tok.token_to_id(t) is not None]
+    if not found:
+        raise DataError(f"tokenizer {source} has no end-of-document token (looked for {', '.join(candidates)}): "
+                        f"give a Hugging Face tokenizer folder whose tokenizer_config.json names its eos_token, add "
+                        f"{EOD_TOKEN!r} as a special token, or let megalm preprocess train one with --vocab-size")
+    return found[0]
+
+
+def special_path(tokenizer_file: str | pathlib.Path) -> str:
+    """Where the special-tokens record of ``X.json`` lives: ``X.special.json``."""
+    name = str(tokenizer_file)
+    return (name[:-len(".json")] if name.endswith(".json") else name) + ".special.json"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -73,36 +127,59 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    return Tokenizer(tok, EOD_TOKEN, source="<trained>")
+    return Tokenizer(tok, SpecialTokens(EOD_TOKEN), source="<trained>")
 
 
-def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
-    """Load a ``tokenizer.json`` file, or a Hugging Face tokenizer folder that contains one."""
+def load_tokenizer(path: str | pathlib.Path, parse_special: bool = False) -> Tokenizer:
+    """Load a ``tokenizer.json`` file (with its special-tokens record when one lies beside it), or a Hugging Face
+    tokenizer folder (its tokenizer_config.json names the special tokens and the chat template)."""
     path = pathlib.Path(path)
-    eod_token = None
+    special = None
     if path.is_dir():
-        eod_token = _eos_from_config(path / "tokenizer_config.json")
+        special = _special_from_hf_folder(path)
         path = path / "tokenizer.json"
+    elif pathlib.Path(special_path(path)).is_file():
+        record = pathlib.Path(special_path(path))
+        try:
+            special = SpecialTokens.from_dict(json.loads(record.read_text(encoding="utf-8")), str(record))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{record} is not valid JSON; re-run megalm preprocess to write it") from None
     if not path.is_file():
         raise DataError(f"tokenizer {path} not found: pass a tokenizer.json file or a Hugging Face tokenizer "
                         f"folder containing tokenizer.json (slow sentencepiece-only tokenizers are not read)")
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise DataError(f"tokenizer {path} could not be read ({e}): pass a tokenizer.json written by "
+        raise DataError(f"tokenizer {path} could not be read ({str(e)[:200]}): pass a tokenizer.json written by "
                         f"Hugging Face tokenizers") from None
-    if eod_token is not None and tok.token_to_id(eod_token) is None:
-        eod_token = None
-    return Tokenizer(tok, eod_token, source=str(path))
+    return Tokenizer(tok, special, source=str(path), parse_special=parse_special)
 
 
-def _eos_from_config(config: pathlib.Path) -> str | None:
-    if not config.is_file():
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken written out as {"content": ..., ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_from_hf_folder(folder: pathlib.Path) -> SpecialTokens | None:
+    """The special tokens a Hugging Face tokenizer folder declares (None: it declares no eos_token)."""
+    config_file = folder / "tokenizer_config.json"
+    config = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{config_file} is not valid JSON") from None
+    eod = _token_text(config.get("eos_token"))
+    if eod is None:
         return None
-    eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-    if isinstance(eos, dict):  # AddedToken written out as {"content": ..., ...}
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
+    template = config.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (template is None or isinstance(template, str)):
+        raise DataError(f"{config_file}: chat_template is a list of named templates; megalm keeps one template")
+    return SpecialTokens(eod=eod, bos=_token_text(config.get("bos_token")), pad=_token_text(config.get("pad_token")),
+                         add_bos=bool(config.get("add_bos_token", False)), chat_template=template)
 
 
 def tokenizer_path(prefix: str | pathlib.Path) -> str:

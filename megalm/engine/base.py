@@ -66,10 +66,6 @@ class Engine(ABC):
         native engine all-reduces one flat copy of the gradients)."""
         return 0
 
-    def shard_specs(self) -> dict:
-        """Parameter name -> the ShardSpec of this rank's slice (what a checkpoint must supply)."""
-        return {name: p.shard for chunk in self.chunks for name, p in chunk.named_parameters()}
-
     def parameter_count(self) -> int:
         """Elements of this rank's parameters (its tensor-parallel slices, also when ZeRO-3 partitions them)."""
         return sum(getattr(p, "ds_numel", p.numel()) for chunk in self.chunks for p in chunk.parameters())

@@ -82,9 +82,40 @@ class Norm(nn.Module):
         return self.ops.norm(self.kind, x, w, b, self.eps)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+class HeadNorm(nn.Module):
+    """RMSNorm over the last dim of (B, T, heads, head_dim), one weight shared by all heads (Qwen3's q/k norm).
+    Each TP rank normalises its own heads, so the weight's gradient is partial there and summed over TP."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, ops: Ops):
+        super().__init__()
+        self.eps, self.tp, self.ops = cfg.norm_eps, tp, ops
+        self.weight = replicated(torch.ones(cfg.dim_per_head))
+
+    def forward(self, x):
+        return self.ops.norm("rmsnorm", x, reduce_grad_over_tp(self.weight, self.tp), None, self.eps)
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The D/2 rotation frequencies theta^(-2i/D); under llama3 scaling (Llama 3.1, section "context length" of
+    its report), wavelengths 2 pi / f longer than L / low_freq_factor (L: the original context) are stretched by
+    ``factor``, those shorter than L / high_freq_factor are kept, and the band between is interpolated linearly
+    in L / wavelength."""
+    d = cfg.dim_per_head
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    if cfg.rope_scaling == "none":
+        return freqs
+    old, factor = cfg.rope_original_max_seq_len, cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    stretched = torch.where(wavelen > old / low, freqs / factor, freqs)
+    smooth = (old / wavelen - low) / (high - low)                    # 0 at the long end of the band, 1 at the short
+    between = (1 - smooth) * stretched / factor + smooth * stretched
+    in_band = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(in_band, between, stretched)
+
+
+def rope_tables(positions: torch.Tensor, freqs: torch.Tensor):
     """cos, sin of shape (T, head_dim) in the Hugging Face Llama ("rotate half") convention."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     angles = positions.float()[:, None] * freqs[None, :]        # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)                # (T, D)
     return angles.cos(), angles.sin()
@@ -101,7 +132,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, ops: Ops):
         super().__init__()
         self.cfg, self.tp, self.ops = cfg, tp, ops
-        h, hd = cfg.hidden_size, cfg.head_dim
+        h, hd = cfg.hidden_size, cfg.dim_per_head
         self.local_heads = cfg.num_heads // tp.size
         self.kv_split = cfg.kv_heads >= tp.size
         self.local_kv = cfg.kv_heads // tp.size if self.kv_split else 1
@@ -115,11 +146,14 @@ class Attention(nn.Module):
             self.wv = _ReplicatedLinear(h, cfg.kv_heads * hd, qkv_bias)
             self.kv_index = tp.rank * cfg.kv_heads // tp.size
         self.wo = RowParallelLinear(cfg.num_heads * hd, h, tp, bias=cfg.bias)
+        if cfg.qk_norm:        # one weight per layer over each head's dim, replicated; its gradient summed over TP
+            self.q_norm = HeadNorm(cfg, tp, ops)
+            self.k_norm = HeadNorm(cfg, tp, ops)
 
     def _kv(self, layer, x):
         if self.kv_split:
             return F.linear(x, layer.weight, layer.bias)
-        hd, j = self.cfg.head_dim, self.kv_index
+        hd, j = self.cfg.dim_per_head, self.kv_index
         w = reduce_grad_over_tp(layer.weight, self.tp)[j * hd:(j + 1) * hd]
         b = reduce_grad_over_tp(layer.bias, self.tp)[j * hd:(j + 1) * hd] if layer.bias is not None else None
         return F.linear(x, w, b)
@@ -134,9 +168,12 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, cache: Optional[dict] = None, selective_checkpoint: bool = False):
         x = enter_tp(x, self.tp)                                   # (B, T, H) on every TP rank
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
-        q = F.linear(x, self.wq.weight, self.wq.bias).view(B, T, self.local_heads, hd).transpose(1, 2)
-        k = self._kv(self.wk, x).view(B, T, self.local_kv, hd).transpose(1, 2)    # (B, kv, T, hd)
+        hd = self.cfg.dim_per_head
+        q = F.linear(x, self.wq.weight, self.wq.bias).view(B, T, self.local_heads, hd)
+        k = self._kv(self.wk, x).view(B, T, self.local_kv, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                 # (B, heads, T, hd), (B, kv, T, hd)
         v = self._kv(self.wv, x).view(B, T, self.local_kv, hd).transpose(1, 2)
         if rope is not None:
             q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)
@@ -243,7 +280,7 @@ class ModelChunk(nn.Module):
         if self.cfg.position != "rope":
             return None
         positions = torch.arange(start_pos, start_pos + seq_len, device=device)
-        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return rope_tables(positions, rope_frequencies(self.cfg, device))
 
     @property
     def head_weight(self):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megalm.checkpoint.load import CheckpointReader, verify_for_rank
+from megalm.checkpoint.load import CheckpointReader, verify_collectively
 from megalm.checkpoint.manifest import layout_entry, new_manifest
 from megalm.checkpoint.save import save_checkpoint
 from megalm.config import Config
@@ -30,8 +30,7 @@ def restore(engine, reader: CheckpointReader, weights_only: bool = False) -> tup
     resharded for this rank; return (step, consumed). ``weights_only``: a fresh start from these weights
     (fine-tuning): step 0, data from the beginning."""
     m = reader.manifest
-    with_optimizer = not weights_only and m["optimizer"]["has_state"]
-    verify_for_rank(reader, engine.shard_specs(), engine.topo.dp_rank, engine.topo.dp, with_optimizer)
+    verify_collectively(reader)
     if weights_only:
         engine.load_state_tensors(reader.read, 0, False)
         return 0, 0

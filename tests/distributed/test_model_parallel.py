@@ -29,6 +29,11 @@ pytestmark = pytest.mark.timeout(300)
 
 LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", bias=False, tie_embeddings=False)
 GPT2 = dict(norm="layernorm", activation="gelu", position="learned", bias=True, tie_embeddings=True)
+# Qwen3: q/k norms (replicated weights whose gradient is summed over TP) with a head_dim apart from hidden/heads;
+# Llama 3.1's RoPE scaling (original context 4, so it acts within the 16-token test); GPT-2 with its own head
+QWEN3 = dict(LLAMA, qk_norm=True, head_dim=12, tie_embeddings=True)
+LLAMA3 = dict(LLAMA, rope_scaling="llama3", rope_original_max_seq_len=4)
+GPT2_UNTIED = dict(GPT2, tie_embeddings=False)
 
 
 def make_config(style, tp=1, pp=1, vs=1, sp=False, heads=4, kv=None, layers=4, schedule="1f1b"):
@@ -113,6 +118,8 @@ TP_CASES = [
     (LLAMA, dict(tp=2, sp=True), 1), (GPT2, dict(tp=2, sp=True), 1),
     (LLAMA, dict(tp=2, kv=1), 1), (LLAMA, dict(tp=2, kv=1, sp=True), 1),
     (LLAMA, dict(tp=2, heads=8, kv=2), 1), (LLAMA, dict(tp=2, heads=8, kv=4, sp=True), 1),
+    (QWEN3, dict(tp=2), 1), (QWEN3, dict(tp=2, kv=1, sp=True), 1), (LLAMA3, dict(tp=2), 1),
+    (GPT2_UNTIED, dict(tp=2, sp=True), 1),
 ]
 
 TP4_CASES = [
@@ -151,6 +158,7 @@ def test_tp2_pp2_equals_single_process():
         (GPT2, dict(tp=2, pp=2, sp=True), 3), (LLAMA, dict(tp=2, pp=2, kv=1), 2),
         (GPT2, dict(tp=2, pp=2, schedule="gpipe"), 1), (LLAMA, dict(tp=2, pp=2, sp=True, schedule="gpipe"), 4),
         (LLAMA, dict(tp=2, pp=2, vs=2, layers=8, schedule="interleaved"), 2),
+        (QWEN3, dict(tp=2, pp=2), 2), (GPT2_UNTIED, dict(tp=2, pp=2), 2), (LLAMA3, dict(tp=2, pp=2, sp=True), 2),
         (GPT2, dict(tp=2, pp=2, vs=2, layers=8, sp=True, schedule="interleaved"), 4),
     ])
 
@@ -166,7 +174,7 @@ def replicated_reduced_numel(style, kv: int, t: int, sp: bool) -> int:
     row-parallel biases (two per layer) and the learned positions (max_seq_len x h)."""
     m = make_config(style, kv=kv).model
     h, L = m.hidden_size, m.num_layers
-    total = 2 * L * kv * m.head_dim * h if kv < t else 0            # wk, wv (no bias in these styles)
+    total = 2 * L * kv * m.dim_per_head * h if kv < t else 0            # wk, wv (no bias in these styles)
     if sp:
         norm = h * (2 if style["norm"] == "layernorm" else 1)
         total += (2 * L + 1) * norm

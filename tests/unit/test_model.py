@@ -10,11 +10,21 @@ from megalm.parallel.topology import TensorParallel
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install megalm[test])")
 
 LLAMA = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
-                    max_seq_len=32, norm="rmsnorm", activation="swiglu", position="rope", rope_theta=500000.0,
+                    max_seq_len=1024, norm="rmsnorm", activation="swiglu", position="rope", rope_theta=500000.0,
                     tie_embeddings=False, bias=False)
 QWEN2 = ModelConfig(**{**LLAMA.__dict__, "qkv_bias": True, "tie_embeddings": True})
-GPT2 = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=32, norm="layernorm",
+GPT2 = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=1024, norm="layernorm",
                    activation="gelu", position="learned", tie_embeddings=True, bias=True)
+# the features of the models people import now: an independent head_dim (Mistral-Nemo), q/k norms with it
+# (Qwen3), Llama 3.1's RoPE scaling (original context 64 here, so it acts well inside a 1024-token test), and
+# GPT-2 with its own head
+NEMO = ModelConfig(**{**LLAMA.__dict__, "head_dim": 24})
+QWEN3 = ModelConfig(**{**LLAMA.__dict__, "head_dim": 24, "qk_norm": True, "tie_embeddings": True})
+LLAMA3 = ModelConfig(**{**LLAMA.__dict__, "rope_scaling": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 1.0,
+                        "rope_high_freq_factor": 4.0, "rope_original_max_seq_len": 64})
+GPT2_UNTIED = ModelConfig(**{**GPT2.__dict__, "tie_embeddings": False})
+FAMILIES = {"llama": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "nemo-head-dim": NEMO, "qwen3": QWEN3,
+            "llama3-rope": LLAMA3, "gpt2-untied": GPT2_UNTIED}
 
 
 def single(cfg: ModelConfig, seed: int = 0) -> ModelChunk:
@@ -30,9 +40,19 @@ def hf_model(cfg: ModelConfig, model_type: str | None = None):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("cfg,model_type", [(LLAMA, None), (GPT2, None), (QWEN2, None), (LLAMA, "mistral")],
-                         ids=["llama", "gpt2", "qwen2", "mistral"])
-def test_logits_equal_hugging_face(cfg, model_type):
+def assert_logits_close(got, expected):
+    """fp32: max |difference| at most 1e-5 of the logits' scale (their largest magnitude)."""
+    scale = float(expected.abs().max())
+    worst = float((got - expected).abs().max())
+    assert worst <= 1e-5 * max(scale, 1.0), (worst, scale)
+
+
+CASES = [(cfg, None) for cfg in FAMILIES.values()] + [(LLAMA, "mistral")]
+
+
+@pytest.mark.parametrize("cfg,model_type", CASES, ids=[*FAMILIES, "mistral"])
+@pytest.mark.parametrize("seq", [16, 1024])
+def test_logits_equal_hugging_face(cfg, model_type, seq):
     torch.manual_seed(0)
     hf = hf_model(cfg, model_type)
     with torch.no_grad():          # random weights everywhere, norms and biases included
@@ -42,14 +62,24 @@ def test_logits_equal_hugging_face(cfg, model_type):
     mapped = dict(from_hf(hf.state_dict().items(), cfg))
     missing, unexpected = ours.load_state_dict(mapped, strict=True)
     assert not missing and not unexpected
-    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq))
+    tokens[0, -1] = cfg.vocab_size - 1                          # the end of the vocabulary too
     with torch.no_grad():
         expected = hf(tokens).logits
         got = ours(tokens)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_logits_close(got, expected)
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2, QWEN2], ids=["llama", "gpt2", "qwen2"])
+def test_llama3_scaling_changes_the_logits_where_it_acts():
+    """The scaled and the plain model differ (so the test above can tell them apart), at long range only."""
+    plain, scaled = single(LLAMA).eval(), single(LLAMA3).eval()
+    tokens = torch.randint(0, LLAMA.vocab_size, (1, 512))
+    with torch.no_grad():
+        a, b = plain(tokens), scaled(tokens)
+    assert float((a - b).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("cfg", list(FAMILIES.values()), ids=list(FAMILIES))
 def test_hugging_face_round_trip_is_exact(cfg):
     ours = single(cfg)
     hf_tensors = dict(to_hf(ours.state_dict().items(), cfg))
