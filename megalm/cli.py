@@ -39,8 +39,7 @@ def _train(argv) -> int:
     ap.add_argument("--config", help="YAML config file, or a preset name (tiny, gpt2-124m, llama-7b, ...)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tp=2 train.steps=100")
     args = ap.parse_args(argv)
-    train(load_config(args.config, args.overrides))
-    return 0
+    return train(load_config(args.config, args.overrides)).get("exit_status", 0)
 
 
 def _finetune(argv) -> int:
@@ -55,8 +54,7 @@ def _finetune(argv) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides + [f"checkpoint.load={args.checkpoint}",
                                                       "checkpoint.load_weights_only=true"])
-    train(cfg)
-    return 0
+    return train(cfg).get("exit_status", 0)
 
 
 def _config(argv) -> int:

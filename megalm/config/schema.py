@@ -132,6 +132,11 @@ class ParallelConfig(_Freezable):
     """none, full (recompute each block) or selective (recompute attention only)."""
     timeout_s: float = 600.0
     """Seconds a collective may wait before the process group gives up (torch.distributed's timeout)."""
+    heartbeat_timeout: float = 10.0
+    """Seconds without a heartbeat before a rank is declared dead (killed, stopped, host lost) and every other
+    rank stops, naming it; 0 turns the watchdog off."""
+    stall_timeout: float = 1800.0
+    """Seconds a rank may beat without finishing a step or an operation before it is reported as stuck; 0: never."""
 
 
 @dataclass
@@ -177,6 +182,12 @@ class TrainConfig(_Freezable):
     stop_at_step: Optional[int] = None
     """Stop after this step with a checkpoint, as if interrupted (the schedule still ends at train.steps);
     rerunning the same command resumes. For jobs that must fit a time slot."""
+    time_limit: Optional[float] = None
+    """Wall-clock budget of this run in seconds: it stops in time to save a checkpoint, and exits with status 75
+    (rerun to resume). None: no budget."""
+    time_limit_margin: float = 60.0
+    """Seconds kept free at the end of train.time_limit for the last step and the save (at least twice the
+    slowest step plus the last save's duration, whichever is more)."""
 
 
 @dataclass

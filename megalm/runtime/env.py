@@ -80,7 +80,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def export_launch_env(info: LaunchInfo | None = None, deepspeed: bool = False) -> None:
+def export_launch_env(info: LaunchInfo | None = None, deepspeed: bool = False, nccl: bool = False) -> None:
     """The variables torch's env:// rendezvous and DeepSpeed read, from what discovery found (SLURM and mpirun
     set none of them). Never overrides a value the launcher set. ``deepspeed``: also pick DeepSpeed's
     accelerator (CPU when there is no CUDA GPU)."""
@@ -90,6 +90,8 @@ def export_launch_env(info: LaunchInfo | None = None, deepspeed: bool = False) -
             os.environ.setdefault(key, str(value))
     if deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if nccl:          # NCCL's own watchdog tears a failed collective down instead of hanging (beside megalm's)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 
 
 def take_local_rank_argument(value: str) -> None:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megalm.config import Config
 from megalm.parallel.topology import Topology, build_topology
 from megalm.runtime.env import LaunchInfo, export_launch_env, pick_device
+from megalm.runtime.watchdog import Watchdog, start_watchdog
 
 
 @dataclass
@@ -18,18 +19,24 @@ class Runtime:
     info: LaunchInfo
     device: torch.device
     topo: Topology
+    watchdog: Watchdog | None = None
 
     @property
     def is_logging_rank(self) -> bool:
         return self.info.rank == 0
+
+    def note(self, op: str, step: int | None = None) -> None:
+        """Tell the watchdog what this rank is doing (named in other ranks' messages if this one dies)."""
+        if self.watchdog is not None:
+            self.watchdog.note(op, step)
 
 
 def init_process_group(info: LaunchInfo, device: torch.device, timeout_s: float) -> None:
     """Join the default group (NCCL on CUDA, gloo on CPU) unless this is a world of one or one exists."""
     if info.world_size == 1 or dist.is_initialized():
         return
-    export_launch_env(info)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    export_launch_env(info, nccl=backend == "nccl")
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
@@ -42,11 +49,14 @@ def start(cfg: Config, info: LaunchInfo) -> Runtime:
     init_process_group(info, device, cfg.parallel.timeout_s)
     torch.manual_seed(cfg.train.seed)
     topo = build_topology(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
-    return Runtime(cfg, info, device, topo)
+    watchdog = start_watchdog(info, cfg.parallel.heartbeat_timeout, cfg.parallel.stall_timeout)
+    return Runtime(cfg, info, device, topo, watchdog)
 
 
 def finish(rt: Runtime) -> None:
     """Leave the process group, unless someone else (a test harness, a notebook) created it."""
+    if rt.watchdog is not None:
+        rt.watchdog.stop()
     if dist.is_initialized():
         dist.barrier()
         if rt.info.launcher != "preinitialized":

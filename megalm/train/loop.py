@@ -18,6 +18,7 @@ from megalm.engine import build_engine
 from megalm.engine.optim import lr_at
 from megalm.parallel.pipeline.p2p import P2P, activation_shape
 from megalm.runtime import Runtime, discover, finish, start
+from megalm.runtime.signals import StopRequest, agree_to_stop, install, over_budget, uninstall
 from megalm.train.checkpointing import restore, save
 from megalm.train.metrics import MetricsLogger, plot_loss_curve
 from megalm.train.step import evaluate, train_step
@@ -47,11 +48,20 @@ def prepare(cfg: Config) -> tuple[Config, Runtime, CheckpointReader | None, bool
 def train(cfg: Config) -> dict:
     """Train to ``train.steps``; returns the final metrics (on every rank)."""
     cfg, rt, reader, from_load = prepare(cfg)
+    try:
+        return _train(cfg, rt, reader, from_load)
+    except RuntimeError as error:          # a collective failed: the watchdog names the rank that is gone
+        if rt.watchdog is not None:
+            rt.watchdog.explain(error)
+        raise
+
+
+def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     topo, t = rt.topo, cfg.train
     engine = build_engine(cfg, topo, rt.device, init=reader is None)
     comm = count_tensor_parallel_traffic(engine.chunks)
     step, consumed = restore(engine, reader, from_load and cfg.checkpoint.load_weights_only) if reader else (0, 0)
-    first_step = step
+    first_step, progress = step, {"step": step}         # the step the closures below save and log at
     data = {split: TokenDataset(cfg.data.prefix, split, cfg.data.seq_len, cfg.data.seed, cfg.model.vocab_size,
                                 tuple(cfg.data.split)) for split in ("train", "valid", "test")}
     sampler = BatchSampler(data["train"], t.global_batch_size, t.micro_batch_size, topo.dp_rank, topo.dp, consumed)
@@ -68,33 +78,27 @@ def train(cfg: Config) -> dict:
         batches = list(eval_batches(data[split], t.micro_batch_size, share * topo.dp))
         mine = [b for i, b in enumerate(batches) if i % topo.dp == topo.dp_rank]
         loss = evaluate(engine, p2p, [b.to(rt.device) for b in mine], topo)
-        log.evaluation(step, split, loss, sum(b.shape[0] for b in batches), record)
+        log.evaluation(progress["step"], split, loss, sum(b.shape[0] for b in batches), record)
         return loss
 
     def checkpoint() -> None:
-        save(engine, cfg, topo, step, sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+        save(engine, cfg, topo, progress["step"], sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
 
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    request = StopRequest()
+    handlers = install(request, rt.info.rank)
+    try:
+        stopped = _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint)
+    finally:
+        uninstall(handlers)
+    step = progress["step"]
     result = {"step": step}
-    last = min(t.steps, t.stop_at_step or t.steps)
-    while step < last:
-        torch.manual_seed(t.seed + step)     # dropout masks depend on (seed, step) only: exact resume
-        begin = time.perf_counter()
-        micro = [b.to(rt.device) for b in sampler.next_batch()]
-        lr = lr_at(step, cfg)
-        if comm is not None:
-            comm.reset()
-        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1)
-        step += 1
-        log.train_step(step, loss, lr, norm, tokens_per_step / (time.perf_counter() - begin),
-                       print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
-                       loss_scale=engine.loss_scale, comm=comm)
-        result.update(step=step, loss=loss)
-        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
-            result["val_loss"] = run_eval("valid")
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < last:
-            checkpoint()
-    if step < t.steps:        # stopped early on purpose: checkpoint and leave, the next run resumes here
+    if stopped:
+        checkpoint()
+        if rt.is_logging_rank:
+            print(f"megalm: stopped at step {step} ({request.reason or 'another rank was asked to stop'}); "
+                  f"checkpoint saved: rerun the same command to resume", flush=True)
+        result.update(stopped=request.reason or "requested", exit_status=request.exit_status())
+    elif step < t.steps:      # stopped early on purpose (train.stop_at_step): the next run resumes here
         checkpoint()
     else:
         trained = step > first_step or reader is None or from_load      # else: a finished run, rerun
@@ -104,9 +108,49 @@ def train(cfg: Config) -> dict:
             checkpoint()
         if rt.is_logging_rank and cfg.logging.plot:
             print(f"loss curve: {plot_loss_curve(t.run_dir)}")
+    result["loss"] = log.last_loss
     log.close()
     finish(rt)
     return result
+
+
+def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint) -> bool:
+    """Train from ``progress["step"]`` to train.stop_at_step (or train.steps), keeping ``progress`` current;
+    returns whether the run stopped on request. At every step boundary the ranks agree whether a signal or the
+    time budget asks them to stop."""
+    t, topo, step = cfg.train, rt.topo, progress["step"]
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    last = min(t.steps, t.stop_at_step or t.steps)
+    slowest = save_seconds = 0.0
+    while step < last:
+        torch.manual_seed(t.seed + step)     # dropout masks depend on (seed, step) only: exact resume
+        begin = time.perf_counter()
+        rt.note(f"training step {step + 1} (data, forward/backward, optimizer)", step)
+        micro = [b.to(rt.device) for b in sampler.next_batch()]
+        lr = lr_at(step, cfg)
+        if comm is not None:
+            comm.reset()
+        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1)
+        step = progress["step"] = step + 1
+        seconds = time.perf_counter() - begin
+        slowest = max(slowest, seconds)
+        log.train_step(step, loss, lr, norm, tokens_per_step / seconds,
+                       print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
+                       loss_scale=engine.loss_scale, comm=comm)
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
+            rt.note(f"evaluation after step {step}", step)
+            run_eval("valid")
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < last:
+            started = time.perf_counter()
+            rt.note(f"checkpoint save of step {step}", step)
+            checkpoint()
+            save_seconds = time.perf_counter() - started
+        rt.note("agreeing whether to stop", step)
+        margin = max(t.time_limit_margin, 2 * slowest + save_seconds)
+        if step < last and agree_to_stop(request.reason is not None or over_budget(request, t.time_limit, margin),
+                                         rt.device):
+            return True
+    return False
 
 
 def count_tensor_parallel_traffic(chunks):

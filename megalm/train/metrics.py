@@ -15,7 +15,7 @@ class MetricsLogger:
         self.enabled, self.total_steps = enabled, total_steps
         self.run_dir = Path(run_dir)
         self.start_time, self.start_step = time.perf_counter(), None
-        self.writer = None
+        self.writer, self.last_loss = None, None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,6 +39,7 @@ class MetricsLogger:
 
     def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
                    print_line: bool, loss_scale: float | None = None, comm=None) -> None:
+        self.last_loss = loss
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         if comm is not None:          # this rank's tensor-parallel traffic this step (ring model, elements)
             from megalm.parallel.tensor import TP_KINDS

@@ -21,7 +21,12 @@ def curve(prefix, run_dir, kernel, style):
 @pytest.mark.parametrize("style", [
     {"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position": "rope", "model.num_kv_heads": 2},
     {"model.norm": "layernorm", "model.activation": "gelu", "model.position": "learned"},
-], ids=["llama", "gpt2"])
+    # Qwen3's q/k norms (through the norm kernel, per head) and a head_dim apart from hidden/heads (12: the
+    # attention kernel pads it), with Llama 3.1 RoPE scaling (its tables feed the RoPE kernel)
+    {"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position": "rope", "model.num_kv_heads": 2,
+     "model.qk_norm": "true", "model.head_dim": 12, "model.rope_scaling": "llama3",
+     "model.rope_original_max_seq_len": 8},
+], ids=["llama", "gpt2", "qwen3-llama3-rope"])
 def test_triton_kernels_train_like_torch(tiny_corpus, tmp_path, style):
     ops = build_ops("triton", "triton", rope="triton", swiglu="triton", cross_entropy="triton")
     assert set(ops.impls.values()) == {"triton"}                       # really the kernels, not a fallback
