@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: mpirun.sh CONFIG [overrides...]}; shift
+if ! command -v mpirun >/dev/null 2>&1; then
+  echo "mpirun.sh: mpirun not found; it needs OpenMPI (Debian/Ubuntu: apt-get install openmpi-bin)" >&2
+  exit 2
+fi
 ROOT=()
 [ "$(id -u)" = 0 ] && ROOT=(--allow-run-as-root)
 exec mpirun "${ROOT[@]}" --oversubscribe -np "${NPROC:-2}" ${HOSTFILE:+--hostfile "$HOSTFILE"} \

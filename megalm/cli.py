@@ -7,6 +7,7 @@
     megalm generate --checkpoint RUN_DIR [--prompt TEXT]            sample text with a KV cache
     megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
     megalm bench kernels|bubble|train|memory|convert ...            benchmarks, each beside its baseline
+    megalm bench compare NEW.json OLD.json                          the regression gate (exit 1 when worse)
     megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ BENCHES = {
     "train": "megalm.bench.train",
     "memory": "megalm.bench.memory",
     "convert": "megalm.bench.convert",
+    "compare": "megalm.bench.compare",
 }
 
 

@@ -55,6 +55,12 @@ class Timing:
         return asdict(self)
 
 
+def figure(value: float, spread: float, better: str) -> dict:
+    """One comparable figure of a result (``megalm bench compare`` reads them): "higher" or "lower" is better."""
+    assert better in ("higher", "lower")
+    return {"value": value, "spread": spread, "better": better}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,6 +129,21 @@ def datasheet_peak_flops(name: str, dtype: str) -> float | None:
             value = PEAK_TFLOPS[key].get(dtype)
             return value * 1e12 if value is not None else None
     return None
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(FLOP/s, where it came from) for MFU: the datasheet's dense peak of this GPU at ``precision`` (fp32 counts
+    at the tf32 rate only where torch allows TF32), else a matmul measured now in that precision."""
+    if device.type == "cuda":
+        kind = precision if precision != "fp32" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+        sheet = datasheet_peak_flops(device_name(device), kind)
+        if sheet:
+            return sheet, f"{device_name(device)} datasheet, {kind}"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32                 # CPU fp16 matmuls are emulated: no peak worth the name
+    measured = measured_matmul_flops(device, dtype)
+    return measured, f"measured {str(dtype).replace('torch.', '')} matmul on {device_name(device)}"
 
 
 def _version(package: str) -> str | None:

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from megalm.bench.harness import Timing, measured_matmul_flops, save_plot, steady, write_result
+from megalm.bench.harness import Timing, figure, measured_matmul_flops, save_plot, steady, write_result
 from megalm.config import Config, load_config, resolve
 from megalm.flops import flops_per_token
 
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tp", type=int, nargs="*", default=[2], help="tensor-parallel sizes to run (0 for none)")
     ap.add_argument("--out", help="result folder (default runs/bench-train)")
+    ap.add_argument("--compare", metavar="OLD.json", help="an earlier result: the regression gate after this run")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     loaded = load_config(args.config, args.overrides)
@@ -135,12 +136,14 @@ def main(argv=None) -> int:
     print(f"device {device} ({torch.get_num_threads()} threads), measured matmul peak {peak / 1e12:.3f} TFLOP/s "
           f"({str(peak_dtype).replace('torch.', '')}); {tokens} tokens/step; {per_token.model / 1e6:.2f} MFLOP/token")
     print(f"{'run':28s} {'s/step':>8s} {'spread':>7s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
-    report = {"device": str(device), "peak_flops": peak, "tokens_per_step": tokens, "rows": {}, "tp_comm": comm}
+    report = {"device": str(device), "peak_flops": peak, "tokens_per_step": tokens, "rows": {}, "tp_comm": comm,
+              "figures": {}}
     for name, timing in rows.items():
         rate = tokens / timing.median_s
         flops = rate * per_token.model
         report["rows"][name] = {"seconds_per_step": timing.median_s, "spread": timing.spread, "tokens_per_s": rate,
                                 "tflops": flops / 1e12, "mfu": flops / peak}
+        report["figures"][f"{name} tokens/s"] = figure(rate, timing.spread, "higher")
         print(f"{name:28s} {timing.median_s:8.3f} {timing.spread:7.1%} {rate:10,.0f} {flops / 1e12:8.4f} "
               f"{flops / peak:6.1%}")
     for tp, c in comm.items():
@@ -151,6 +154,10 @@ def main(argv=None) -> int:
                                                              "warmup": args.warmup}, device=device)
     plot = save_plot(lambda fig, ax: _draw(ax, report), path.with_suffix(".png"))
     print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    if args.compare:
+        from megalm.bench.compare import main as compare
+
+        return compare([str(path), args.compare])
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from megalm.bench.harness import device_peak_flops
 from megalm.checkpoint.format import latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader
 from megalm.config import Config, ConfigError, resolve
@@ -16,6 +17,7 @@ from megalm.data.dataset import BatchSampler, TokenDataset, eval_batches
 from megalm.data.tokenizer import dataset_tokenizer, tokenizer_path
 from megalm.engine import build_engine
 from megalm.engine.optim import lr_at
+from megalm.flops import flops_per_token
 from megalm.parallel.pipeline.p2p import P2P, activation_shape
 from megalm.runtime import Runtime, discover, finish, start
 from megalm.runtime.signals import StopRequest, agree_to_stop, install, over_budget, uninstall
@@ -67,9 +69,14 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     sampler = BatchSampler(data["train"], t.global_batch_size, t.micro_batch_size, topo.dp_rank, topo.dp, consumed)
     p2p = P2P(topo, activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size, topo),
               engine.activation_dtype, rt.device, num_chunks=len(engine.chunks))
-    log = MetricsLogger(t.run_dir, rt.is_logging_rank, cfg.logging.tensorboard, t.steps)
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing).model
+    peak, peak_source = device_peak_flops(rt.device, t.precision) if rt.is_logging_rank else (0.0, "")
+    log = MetricsLogger(t.run_dir, rt.is_logging_rank, cfg.logging.tensorboard, t.steps, per_token,
+                        rt.topo.world_size, peak)
     if rt.is_logging_rank:
         _announce(cfg, rt, engine, step, reader.folder if reader else None)
+        print(f"MFU: model FLOPs (6N + attention, causal counted in full) against {peak / 1e12:.3g} TFLOP/s per "
+              f"device ({peak_source})", flush=True)
         Path(t.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 

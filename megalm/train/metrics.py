@@ -11,8 +11,12 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0):
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0,
+                 flops_per_token: float = 0.0, devices: int = 1, peak_flops: float = 0.0):
+        """``flops_per_token``: model FLOPs (forward + backward) per token; with ``devices`` and the device's
+        ``peak_flops`` they give each step's TFLOP/s per device and MFU."""
         self.enabled, self.total_steps = enabled, total_steps
+        self.flops_per_token, self.devices, self.peak_flops = flops_per_token, devices, peak_flops
         self.run_dir = Path(run_dir)
         self.start_time, self.start_step = time.perf_counter(), None
         self.writer, self.last_loss = None, None
@@ -41,6 +45,14 @@ class MetricsLogger:
                    print_line: bool, loss_scale: float | None = None, comm=None) -> None:
         self.last_loss = loss
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        rate = ""
+        if self.flops_per_token:
+            per_device = tokens_per_s * self.flops_per_token / self.devices
+            record["tflops_per_device"] = per_device / 1e12
+            rate = f" | {per_device / 1e12:.3g} TFLOP/s/device"
+            if self.peak_flops:
+                record["mfu"] = per_device / self.peak_flops
+                rate += f" | MFU {record['mfu']:.1%}"
         if comm is not None:          # this rank's tensor-parallel traffic this step (ring model, elements)
             from megalm.parallel.tensor import TP_KINDS
 
@@ -58,7 +70,7 @@ class MetricsLogger:
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / max(1, done) * (self.total_steps - step)
             print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
-                  f"| {tokens_per_s:,.0f} tok/s | ETA {_fmt(eta)}{fp16}", flush=True)
+                  f"| {tokens_per_s:,.0f} tok/s{rate} | ETA {_fmt(eta)}{fp16}", flush=True)
 
     def evaluation(self, step: int, split: str, loss: float, samples: int, record: bool = True) -> None:
         """``record`` False: printed only (a finished run, rerun, evaluates again but adds no rows)."""

@@ -15,7 +15,10 @@ from megalm.parallel.topology import TensorParallel
                 max_seq_len=64, norm="rmsnorm", activation="swiglu", position="rope", bias=False,
                 tie_embeddings=False),
     ModelConfig(vocab_size=256, hidden_size=64, num_layers=3, num_heads=4, max_seq_len=64),
-], ids=["llama-gqa", "gpt2"])
+    ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
+                qk_norm=True, ffn_hidden_size=160, max_seq_len=64, norm="rmsnorm", activation="swiglu",
+                position="rope", bias=False, tie_embeddings=True),
+], ids=["llama-gqa", "gpt2", "qwen3-head-dim"])
 def test_flops_match_torch_counter(model):
     net = ModelChunk(model, TensorParallel(), range(model.num_layers), True, True)
     init_chunk(net, model, 0)

@@ -194,3 +194,17 @@ def test_rerunning_a_finished_run_adds_no_rows(tiny_corpus, tmp_path, capsys):
     assert read_metrics(tmp_path) == rows
     out = capsys.readouterr().out
     assert "run already finished: not recorded again" in out and "(8 samples of the test split" in out
+
+
+def test_the_log_shows_tflops_and_mfu_from_the_flop_counter(tiny_corpus, tmp_path, capsys):
+    from megalm.flops import flops_per_token
+
+    run(tiny_corpus, tmp_path, **{"train.steps": 2})
+    cfg = load_config(None, tiny_overrides(tiny_corpus, tmp_path))
+    cfg.model.vocab_size = 512                                   # as resolved from the 512-token tokenizer
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len).model
+    for record in (r for r in read_metrics(tmp_path) if "loss" in r):
+        assert record["tflops_per_device"] == pytest.approx(record["tokens_per_s"] * per_token / 1e12, rel=1e-9)
+        assert 0 < record["mfu"] < 1
+    out = capsys.readouterr().out
+    assert "TFLOP/s/device | MFU" in out and "against" in out and "measured float32 matmul" in out
