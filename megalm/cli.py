@@ -6,6 +6,7 @@
     megalm eval --checkpoint RUN_DIR [--data PREFIX | --text FILE]  loss and perplexity
     megalm generate --checkpoint RUN_DIR [--prompt TEXT]            sample text with a KV cache
     megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
+    megalm checkpoint list RUN_DIR                                  each checkpoint: committed, verified, damaged
     megalm bench kernels|bubble|train|memory|convert ...            benchmarks, each beside its baseline
     megalm bench compare NEW.json OLD.json                          the regression gate (exit 1 when worse)
     megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
@@ -22,6 +23,7 @@ COMMANDS = {
     "eval": "megalm.eval",
     "generate": "megalm.generate",
     "convert": "megalm.checkpoint.convert",
+    "checkpoint": "megalm.checkpoint.listing",
 }
 BENCHES = {
     "kernels": "megalm.bench.kernels",

@@ -1,12 +1,13 @@
 """Build a model from a checkpoint in whatever layout this launch has, for eval, generate and convert --verify."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from megalm.checkpoint.format import CheckpointError, latest_checkpoint
-from megalm.checkpoint.load import CheckpointReader, verify_collectively
+from megalm.checkpoint.load import CheckpointReader, newest_intact
 from megalm.config import Config, resolve
 from megalm.data.tokenizer import load_tokenizer
 from megalm.engine import ForwardEngine
@@ -17,7 +18,10 @@ from megalm.runtime import Runtime, discover, start
 def checkpoint_config(path, overrides: list[str] | None = None) -> tuple[Config, CheckpointReader]:
     """The saved run's config with the model fixed and the layout taken from ``overrides`` (default 1 x 1); the
     native engine runs it (in fp32 where the run used fp16, which needs loss scaling only to train)."""
-    folder = latest_checkpoint(path)
+    notes: list = []
+    folder = latest_checkpoint(path, notes)
+    for note in notes if discover().rank == 0 else ():
+        print(f"checkpoint: {note}", file=sys.stderr, flush=True)
     if folder is None:
         raise CheckpointError(f"no committed checkpoint under {path}; train first or pass a checkpoint folder")
     reader = CheckpointReader(folder, verify=False)     # load_model verifies what each rank reads
@@ -38,7 +42,9 @@ def load_model(cfg: Config, reader: CheckpointReader) -> tuple[Runtime, Config, 
     cfg = resolve(cfg, info.world_size)
     rt = start(cfg, info)
     chunks = build_chunks(cfg, rt.topo, rt.device, init=False)
-    verify_collectively(reader)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rt.is_logging_rank else (lambda line: None)
+    reader = newest_intact(reader, say)
+    say(f"loaded {reader.folder} (step {reader.manifest['step']})")
     with torch.no_grad():
         for chunk in chunks:
             for name, p in chunk.named_parameters():

@@ -107,22 +107,38 @@ def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = No
     return final
 
 
-def latest_checkpoint(path) -> Path | None:
-    """Resolve a run dir, a checkpoints folder or a step folder to a committed step folder (or None)."""
+def committed_checkpoints(path) -> list[Path]:
+    """The committed step folders of a run dir or a checkpoints folder, newest first ([the folder] for a committed
+    step folder itself)."""
     path = Path(path)
     if (path / MANIFEST).exists():
-        return path if (path / COMMITTED).exists() else None
+        return [path] if (path / COMMITTED).exists() else []
     for root in (checkpoints_root(path), path):
-        pointer = root / LATEST
-        if pointer.exists():
-            candidate = root / pointer.read_text().strip()
-            if (candidate / COMMITTED).exists():
-                return candidate
-        # The pointer may be missing or name a damaged folder: fall back to the newest committed one.
-        committed = sorted(p for p in root.glob("step_*") if (p / COMMITTED).exists()) if root.is_dir() else []
-        if committed:
-            return committed[-1]
-    return None
+        if root.is_dir():
+            found = sorted((p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / COMMITTED).exists()),
+                           reverse=True)
+            if found:
+                return found
+    return []
+
+
+def latest_checkpoint(path, notes: list | None = None) -> Path | None:
+    """Resolve a run dir, a checkpoints folder or a step folder to a committed step folder (or None). The
+    ``latest`` pointer wins while it names a committed folder; when it is missing, empty or names an unfinished
+    or missing folder, the newest committed one is used, and ``notes`` (when given) gets a line saying so."""
+    path = Path(path)
+    committed = committed_checkpoints(path)
+    if (path / MANIFEST).exists() or not committed:
+        return committed[0] if committed else None
+    root = committed[0].parent
+    pointer = root / LATEST
+    named = pointer.read_text().strip() if pointer.exists() else ""
+    if named and (root / named / COMMITTED).exists():
+        return root / named
+    if notes is not None:
+        why = "missing" if not pointer.exists() else "empty" if not named else f"names {named}, which is not committed"
+        notes.append(f"{pointer} is {why}; using the newest committed checkpoint, {committed[0].name}")
+    return committed[0]
 
 
 def read_manifest(ckpt: Path, verify: bool = True) -> dict:

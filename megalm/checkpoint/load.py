@@ -15,7 +15,14 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from megalm.checkpoint.format import CheckpointError, damaged_message, first_mismatch, pieces_of, read_manifest
+from megalm.checkpoint.format import (
+    CheckpointError,
+    committed_checkpoints,
+    damaged_message,
+    first_mismatch,
+    pieces_of,
+    read_manifest,
+)
 
 
 def param_name(tensor_name: str) -> str:
@@ -140,6 +147,28 @@ def verify_collectively(reader: CheckpointReader) -> None:
         bad = int(flag)
     if bad:
         raise CheckpointError(damaged_message(reader.folder / names[bad - 1]))
+
+
+def newest_intact(reader: CheckpointReader, say=print) -> CheckpointReader:
+    """Collective. ``reader``'s checkpoint when its files verify, else the newest older committed checkpoint of the
+    same folder that does, each one passed over named with the reason (``say``: rank 0's printer)."""
+    older = [f for f in committed_checkpoints(reader.folder.parent) if f.name < reader.folder.name]
+    while True:
+        try:
+            verify_collectively(reader)
+            return reader
+        except CheckpointError as error:
+            damaged = reader.folder
+            while older:
+                try:
+                    reader = CheckpointReader(older.pop(0), verify=False)
+                    break
+                except CheckpointError as unreadable:
+                    say(f"checkpoint: skipping {unreadable}")
+            else:
+                raise CheckpointError(f"{error}; and no older committed checkpoint beside it verifies either: "
+                                      f"start again with a new train.run_dir") from None
+            say(f"checkpoint: {damaged} is damaged ({error}); falling back to {reader.folder}")
 
 
 def safetensors_offsets(path: Path) -> dict:

@@ -14,22 +14,45 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megalm.checkpoint.format import COMMITTED, checkpoints_root, commit, step_dir_name
+from megalm.checkpoint.format import COMMITTED, CheckpointError, checkpoints_root, commit, step_dir_name
 from megalm.checkpoint.manifest import add_tokenizer, add_written, piece_entry
 from megalm.checkpoint.writer import PlannedSafetensorsFile
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _gather_objects(obj):
+def _gather_to_rank0(obj) -> list | None:
+    """Every rank's ``obj`` on rank 0 (None elsewhere): no rank but the committer holds the world's reports."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
+
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _failure(step: int, path: Path, error: OSError, needed: int) -> str:
+    """One line naming the rank, host, path, the reason and the space it needed."""
+    import shutil as _shutil
+    import socket
+
+    try:
+        free = f"{_shutil.disk_usage(path.parent if not path.exists() else path).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"could not save the checkpoint of step {step} (rank {_rank()} on {socket.gethostname()}): {path}: "
+            f"{error.strerror or error} ({needed / 1e9:.3f} GB to write there, {free}); the previous checkpoint "
+            f"stays the latest")
 
 
 def write_pieces(folder: Path, index: int, owned) -> dict:
@@ -51,26 +74,47 @@ def write_pieces(folder: Path, index: int, owned) -> dict:
 
 def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2) -> Path:
     """Collective: every rank calls it with the tensors it owns; rank 0's ``manifest`` (``new_manifest``) is
-    completed with every rank's pieces and committed."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    completed with every rank's pieces and committed. A write that fails on any rank (disk full, no permission)
+    abandons the save on every rank with the same ``CheckpointError``; the previous checkpoint stays the latest."""
+    rank = _rank()
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
+    owned = list(owned)
+    needed = sum(t.numel() * t.element_size() for _, t, _ in owned)
+    status = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            status = _failure(step, tmp, e, needed)
+    status = _from_rank0(status)
+    if status:
+        raise CheckpointError(status)
     start = time.perf_counter()
-    written = write_pieces(tmp, rank, owned)
-    reports = _gather_objects(written)
+    try:
+        written = write_pieces(tmp, rank, owned)
+    except OSError as e:
+        written = {"error": _failure(step, tmp / f"shard-{rank:05d}.safetensors", e, needed)}
+    reports = _gather_to_rank0(written)
     if rank == 0:
-        for report in reports:
-            add_written(manifest, report)
-        add_tokenizer(tmp, manifest, tokenizer_file)
-        commit(tmp, final, manifest, latest_root=root)
-        _prune(root, keep)
-        print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)
-    _barrier()
+        status = next((r["error"] for r in reports if "error" in r), None)
+        if status is None:
+            try:
+                for report in reports:
+                    add_written(manifest, report)
+                add_tokenizer(tmp, manifest, tokenizer_file)
+                commit(tmp, final, manifest, latest_root=root)
+                _prune(root, keep)
+                print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)
+            except OSError as e:
+                status = _failure(step, tmp, e, needed)
+        if status:
+            shutil.rmtree(tmp, ignore_errors=True)
+    status = _from_rank0(status)
+    if status:
+        raise CheckpointError(status)
     return final
 
 

@@ -28,6 +28,7 @@ CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("optimizer", "name"): ("adamw", "sgd"),
     ("lr", "decay"): ("cosine", "linear", "constant"),
+    ("checkpoint", "on_error"): ("stop", "continue"),
     **{("kernels", op): KERNEL_CHOICES for op in ("attention", "norm", "rope", "swiglu", "cross_entropy")},
 }
 

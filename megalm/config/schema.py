@@ -229,6 +229,9 @@ class CheckpointConfig(_Freezable):
     """With checkpoint.load: take the weights only (fresh optimizer, step 0, data from the start)."""
     save_optimizer: bool = True
     """Save optimizer state (needed for exact resume)."""
+    on_error: str = "stop"
+    """A save that fails (disk full, no permission): stop the run (the previous checkpoint stays the latest), or
+    continue training without that checkpoint (each failure is printed and counted)."""
     deepspeed_native: bool = False
     """Under DeepSpeed, also write DeepSpeed's own ZeRO checkpoint at each save, to train.run_dir/deepspeed/
     (tag global_stepN), for DeepSpeed's tools; `megalm convert from-deepspeed` reads it back. Needs pp = 1."""

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megalm.checkpoint.load import CheckpointReader, verify_collectively
+from megalm.checkpoint.format import CheckpointError
+from megalm.checkpoint.load import CheckpointReader, newest_intact
 from megalm.checkpoint.manifest import layout_entry, new_manifest
 from megalm.checkpoint.save import save_checkpoint
 from megalm.config import Config
@@ -25,12 +26,18 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
         engine.save_native_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")
 
 
-def restore(engine, reader: CheckpointReader, weights_only: bool = False) -> tuple[int, int]:
-    """Verify the files this rank reads (all ranks agree), then load weights (and optimizer state when saved)
-    resharded for this rank; return (step, consumed). ``weights_only``: a fresh start from these weights
-    (fine-tuning): step 0, data from the beginning."""
+def restore(engine, reader: CheckpointReader, weights_only: bool = False, say=print) -> tuple[int, int]:
+    """Verify the checkpoint (the ranks split its files and agree; a damaged one gives way to the newest older one
+    that verifies, named), then load weights (and optimizer state when saved) resharded for this rank; return
+    (step, consumed). ``weights_only``: a fresh start from these weights (fine-tuning): step 0, data from the
+    beginning."""
+    chosen = newest_intact(reader, say)
+    if chosen is not reader:
+        if chosen.manifest["config"]["model"] != reader.manifest["config"]["model"]:
+            raise CheckpointError(f"{chosen.folder} holds another model than {reader.folder}; it cannot replace it")
+        say(f"resuming from {chosen.folder} at step {chosen.manifest['step']} instead")
+    reader = chosen
     m = reader.manifest
-    verify_collectively(reader)
     if weights_only:
         engine.load_state_tensors(reader.read, 0, False)
         return 0, 0

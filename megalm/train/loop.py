@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from megalm.bench.harness import device_peak_flops
-from megalm.checkpoint.format import latest_checkpoint
+from megalm.checkpoint.format import CheckpointError, checkpoints_root, latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader
 from megalm.config import Config, ConfigError, resolve
 from megalm.data.dataset import BatchSampler, TokenDataset, eval_batches
@@ -27,8 +28,18 @@ from megalm.train.step import evaluate, train_step
 
 
 def find_source(cfg: Config) -> tuple[Path | None, bool]:
-    """The checkpoint this run starts from: its own latest (resume) or checkpoint.load's (True: a new start)."""
-    own = latest_checkpoint(cfg.train.run_dir)
+    """The checkpoint this run starts from: an explicit step folder of this run (checkpoint.load=RUN_DIR/
+    checkpoints/step_N: resume there), else its own latest (resume), else checkpoint.load's (True: a new start)."""
+    load = Path(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    if load is not None and load.parent.resolve() == checkpoints_root(cfg.train.run_dir).resolve():
+        chosen = latest_checkpoint(load)
+        if chosen is None:
+            raise ConfigError(f"checkpoint.load={load}: not a committed checkpoint of this run")
+        return chosen, False
+    notes: list = []
+    own = latest_checkpoint(cfg.train.run_dir, notes)
+    for note in notes if discover().rank == 0 else ():
+        print(f"checkpoint: {note}", flush=True)
     if own is not None or cfg.checkpoint.load is None:
         return own, False
     loaded = latest_checkpoint(cfg.checkpoint.load)
@@ -62,7 +73,8 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     topo, t = rt.topo, cfg.train
     engine = build_engine(cfg, topo, rt.device, init=reader is None)
     comm = count_tensor_parallel_traffic(engine.chunks)
-    step, consumed = restore(engine, reader, from_load and cfg.checkpoint.load_weights_only) if reader else (0, 0)
+    say = print if rt.is_logging_rank else (lambda line: None)
+    step, consumed = restore(engine, reader, from_load and cfg.checkpoint.load_weights_only, say) if reader else (0, 0)
     first_step, progress = step, {"step": step}         # the step the closures below save and log at
     data = {split: TokenDataset(cfg.data.prefix, split, cfg.data.seq_len, cfg.data.seed, cfg.model.vocab_size,
                                 tuple(cfg.data.split)) for split in ("train", "valid", "test")}
@@ -89,7 +101,16 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         return loss
 
     def checkpoint() -> None:
-        save(engine, cfg, topo, progress["step"], sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+        rt.note(f"checkpoint save of step {progress['step']}", progress["step"])
+        try:
+            save(engine, cfg, topo, progress["step"], sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+        except CheckpointError as error:          # the same on every rank; nothing was committed
+            if cfg.checkpoint.on_error == "stop":
+                raise
+            progress["failed_saves"] = progress.get("failed_saves", 0) + 1
+            if rt.is_logging_rank:
+                print(f"megalm: {error}; continuing without it (checkpoint.on_error=continue; "
+                      f"{progress['failed_saves']} failed so far)", file=sys.stderr, flush=True)
 
     request = StopRequest()
     handlers = install(request, rt.info.rank)
@@ -149,7 +170,6 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
             run_eval("valid")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < last:
             started = time.perf_counter()
-            rt.note(f"checkpoint save of step {step}", step)
             checkpoint()
             save_seconds = time.perf_counter() - started
         rt.note("agreeing whether to stop", step)

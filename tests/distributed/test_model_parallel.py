@@ -271,7 +271,7 @@ def attention_dropout_mask(attn, seq_len: int) -> torch.Tensor:
     With V the identity, SDPA returns the (dropped-out, rescaled) probabilities themselves; in the causal
     triangle they are all positive, so a zero there is a dropped entry."""
     gen = torch.Generator().manual_seed(0)
-    hd = attn.cfg.head_dim
+    hd = attn.cfg.dim_per_head
     q = torch.randn(1, attn.local_heads, seq_len, hd, generator=gen)
     k = torch.randn(1, attn.local_kv, seq_len, hd, generator=gen)
     v = torch.eye(seq_len).expand(1, attn.local_kv, seq_len, seq_len)

@@ -208,3 +208,46 @@ def test_the_log_shows_tflops_and_mfu_from_the_flop_counter(tiny_corpus, tmp_pat
         assert 0 < record["mfu"] < 1
     out = capsys.readouterr().out
     assert "TFLOP/s/device | MFU" in out and "against" in out and "measured float32 matmul" in out
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(tiny_corpus, tmp_path, capsys):
+    """Resume with a flipped byte in the newest checkpoint: the previous one verifies and is used, both named;
+    the losses after it equal the uninterrupted run's. `megalm checkpoint list` shows each state."""
+    from megalm.cli import main
+
+    straight = tmp_path / "straight"
+    run(tiny_corpus, straight, **{"train.steps": 6})
+    run_dir = tmp_path / "run"
+    run(tiny_corpus, run_dir, **{"train.steps": 6, "checkpoint.interval": 2, "checkpoint.keep": 3,
+                                 "train.stop_at_step": 4})
+    newest = latest_checkpoint(run_dir)
+    assert newest.name == "step_0000004"
+    shard = next(newest.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (run_dir / "checkpoints" / "step_0000006.tmp").mkdir()              # an unfinished save beside them
+    assert main(["checkpoint", "list", str(run_dir)]) == 0
+    listing = capsys.readouterr().out
+    assert "step_0000002" in listing and "committed, verified (step 2" in listing
+    assert "step_0000004 (latest)" in listing and "damaged:" in listing and "does not match its sha256" in listing
+    assert "step_0000006.tmp" in listing and "uncommitted" in listing
+    run(tiny_corpus, run_dir, **{"train.steps": 6, "checkpoint.interval": 2, "checkpoint.keep": 3})
+    out = capsys.readouterr().out
+    assert "step_0000004 is damaged" in out and "falling back to" in out and "resuming from" in out
+    assert "at step 2 instead" in out
+    after = {s: v for s, v in losses(run_dir).items()}
+    assert all(after[s] == losses(straight)[s] for s in (3, 4, 5, 6))
+
+
+def test_an_older_step_of_the_run_can_be_named_and_a_missing_marker_is_said(tiny_corpus, tmp_path, capsys):
+    run(tiny_corpus, tmp_path, **{"train.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 3})
+    older = tmp_path / "checkpoints" / "step_0000002"
+    capsys.readouterr()
+    result = run(tiny_corpus, tmp_path, **{"train.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 3,
+                                           "checkpoint.load": str(older)})
+    assert result["step"] == 4 and f"resuming from {older} at step 2" in capsys.readouterr().out
+    (latest_checkpoint(tmp_path) / "COMMITTED").unlink()
+    run(tiny_corpus, tmp_path, **{"train.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 3})
+    assert "names step_0000004, which is not committed; using the newest committed checkpoint, step_0000002" in \
+        capsys.readouterr().out
