@@ -3,12 +3,13 @@ size, the checkpoint being resumed or loaded, the dataset's tokenizer and a Deep
 validated, frozen config, before any process group exists or anything is allocated."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 from megalm.config.deepspeed_json import adopt_deepspeed_json
 from megalm.config.rules import validate
-from megalm.config.schema import Config, ConfigError
+from megalm.config.schema import Config, ConfigError, ModelConfig
 
 # Model settings a run may change against its checkpoint (they do not change any tensor's shape or meaning).
 MODEL_KEYS_FREE_TO_CHANGE = ("dropout",)
@@ -37,7 +38,8 @@ def resolve(cfg: Config, world_size: int, *, checkpoint: Optional[tuple[Path, di
 def _adopt_checkpoint_model(cfg: Config, folder: Path, saved: dict, adopt: bool) -> None:
     """A resumed run keeps the model it was saved with, and a different explicit model setting is an error; a run
     started from a checkpoint's weights (fine-tuning) takes the checkpoint's model settings."""
-    model = saved["model"]
+    # keys a checkpoint predates have their default (the model it was trained as)
+    model = {**dataclasses.asdict(ModelConfig()), **saved["model"]}
     for key, value in model.items():
         if key in MODEL_KEYS_FREE_TO_CHANGE:
             continue

@@ -251,3 +251,18 @@ def test_an_older_step_of_the_run_can_be_named_and_a_missing_marker_is_said(tiny
     run(tiny_corpus, tmp_path, **{"train.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 3})
     assert "names step_0000004, which is not committed; using the newest committed checkpoint, step_0000002" in \
         capsys.readouterr().out
+
+
+def test_a_checkpoint_that_predates_new_model_keys_resumes(tiny_corpus, tmp_path):
+    """A manifest written before model.head_dim, qk_norm and rope_scaling existed: the missing keys are the
+    defaults the model was trained with, not a different model."""
+    import json
+
+    run(tiny_corpus, tmp_path, **{"train.steps": 2})
+    manifest_file = latest_checkpoint(tmp_path) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for key in ("head_dim", "qk_norm", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                "rope_high_freq_factor", "rope_original_max_seq_len"):
+        del manifest["config"]["model"][key]
+    manifest_file.write_text(json.dumps(manifest))
+    assert run(tiny_corpus, tmp_path, **{"train.steps": 3})["step"] == 3
