@@ -228,15 +228,29 @@ def data_parallel_size(world_size: int, tp: int, pp: int, dp: Optional[int] = No
     return derived
 
 
+def tp_share(n: int, tp: int, what: str, where: str = "") -> int:
+    """A size split over tensor-parallel ranks (the layers' own guard uses this rule): n / tp, whole."""
+    if n % tp:
+        raise ConfigError(f"{where + ': ' if where else ''}{what}={n} is not divisible by tensor-parallel size "
+                          f"tp={tp}; make {what} a multiple of {tp} (e.g. {(n // tp + 1) * tp}) or change parallel.tp")
+    return n // tp
+
+
+def micro_batches_per_rank(global_batch: int, micro_batch: int, dp: int, prefix: str = "train.") -> int:
+    """The global batch split into whole micro-batches over dp replicas (the data sampler's guard uses this rule)."""
+    per_step = micro_batch * dp
+    if global_batch % per_step:
+        raise ConfigError(
+            f"{prefix}global_batch_size={global_batch} is not divisible by {prefix}micro_batch_size x dp = "
+            f"{micro_batch} x {dp} = {per_step}: use a global batch that is a multiple of {per_step} (e.g. "
+            f"{max(per_step, global_batch // per_step * per_step)}) or change the micro batch")
+    return global_batch // per_step
+
+
 def check_batch(cfg: Config, world_size: Optional[int]) -> None:
     p, t = cfg.parallel, cfg.train
     dp = data_parallel_size(world_size, p.tp, p.pp, p.dp) if world_size is not None else (p.dp or 1)
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x dp = "
-            f"{t.micro_batch_size} x {dp} = {per_step}; use a global batch that is a multiple of {per_step}")
-    count = t.global_batch_size // per_step
+    count = micro_batches_per_rank(t.global_batch_size, t.micro_batch_size, dp)
     check_schedule(cfg.schedule, p.pp, p.virtual_stages, count,
                    f"train.global_batch_size {t.global_batch_size} / (train.micro_batch_size {t.micro_batch_size} "
                    f"x dp {dp}) = {count}")

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from megalm.config.rules import micro_batches_per_rank
 from megalm.data.errors import DataError
 from megalm.data.indexed import IndexedDataset
 
@@ -157,13 +158,7 @@ class BatchSampler:
         if min(global_batch_size, micro_batch_size, dp_size) < 1:
             raise DataError(f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} and "
                             f"dp_size={dp_size} must all be at least 1")
-        if global_batch_size % (micro_batch_size * dp_size):
-            fit = max(micro_batch_size * dp_size,
-                      global_batch_size // (micro_batch_size * dp_size) * micro_batch_size * dp_size)
-            raise DataError(f"global_batch_size={global_batch_size} is not divisible by micro_batch_size x "
-                            f"dp = {micro_batch_size} x {dp_size} = {micro_batch_size * dp_size}: set "
-                            f"global_batch_size to a multiple of {micro_batch_size * dp_size} (e.g. {fit}) "
-                            f"or change micro_batch_size")
+        micro_batches_per_rank(global_batch_size, micro_batch_size, dp_size, prefix="")   # the rule book's rule
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         self.dataset = dataset

@@ -368,8 +368,8 @@ def test_resume_from_state_dict_reads_the_same_samples(train_ds):
 
 
 def test_sampler_validates_batch_sizes(train_ds):
-    with pytest.raises(DataError, match=r"global_batch_size=10 is not divisible by micro_batch_size x dp = "
-                                        r"2 x 2 = 4: set global_batch_size to a multiple of 4 \(e.g. 8\)"):
+    with pytest.raises(ValueError, match=r"global_batch_size=10 is not divisible by micro_batch_size x dp = "
+                                         r"2 x 2 = 4: use a global batch that is a multiple of 4 \(e.g. 8\)"):
         BatchSampler(train_ds, 10, 2, dp_size=2)
     with pytest.raises(DataError, match=r"dp_rank=2"):
         BatchSampler(train_ds, 8, 2, dp_rank=2, dp_size=2)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalm.config.rules import tp_share
 from megalm.parallel.shard import ShardSpec
 from megalm.parallel.tensor.mappings import (
     copy_to_tp,
@@ -43,11 +44,8 @@ def _new_param(shape, tp: TensorParallel, dim: int | None, dtype, device) -> nn.
 
 
 def _divide(n: int, tp: TensorParallel, what: str, layer: str) -> int:
-    if n % tp.size:
-        raise ValueError(f"{layer}: {what}={n} is not divisible by tensor-parallel size tp={tp.size}; "
-                         f"make {what} a multiple of {tp.size} (e.g. {(n // tp.size + 1) * tp.size}) "
-                         f"or change parallel.tp")
-    return n // tp.size
+    """The rule book's tensor-parallel split, checked again where a layer is built directly (library use)."""
+    return tp_share(n, tp.size, what, layer)
 
 
 class ColumnParallelLinear(nn.Module):
