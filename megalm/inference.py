@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
 from megalm.checkpoint.format import CheckpointError, latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader, newest_intact
 from megalm.config import Config, resolve
-from megalm.data.tokenizer import load_tokenizer
 from megalm.engine import ForwardEngine
 from megalm.parallel.parallelize import build_chunks
 from megalm.runtime import Runtime, discover, start
@@ -55,7 +53,4 @@ def load_model(cfg: Config, reader: CheckpointReader) -> tuple[Runtime, Config, 
 
 def checkpoint_tokenizer(reader: CheckpointReader):
     """The checkpoint's tokenizer (checked against its sha256 first), or None when it carries none."""
-    if "tokenizer.json" not in reader.manifest["files"]:
-        return None
-    reader.verify_files(n for n in ("tokenizer.json", "tokenizer.special.json") if n in reader.manifest["files"])
-    return load_tokenizer(str(Path(reader.folder) / "tokenizer.json"))
+    return reader.tokenizer()

@@ -237,7 +237,7 @@ def convert_to_hf(src, dst) -> dict:
         as_read.clear()
     out.close()
     out.wait_durable()
-    tokenizer = _checkpoint_tokenizer(reader)
+    tokenizer = reader.tokenizer()
     if tokenizer is not None:
         hf_config.update(_token_ids(tokenizer))
         _write_hf_tokenizer(tmp, folder / "tokenizer.json", tokenizer, model.max_seq_len)
@@ -250,17 +250,6 @@ def convert_to_hf(src, dst) -> dict:
     print(f"convert to-hf: wrote {total / 1e9:.3f} GB to {dst} in {seconds:.2f}s "
           f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s)", flush=True)
     return {"bytes": total, "seconds": seconds}
-
-
-def _checkpoint_tokenizer(reader: CheckpointReader):
-    """The checkpoint's tokenizer, its file and special-tokens record checked against the manifest and parsed."""
-    from megalm.data.tokenizer import load_tokenizer
-
-    names = [n for n in ("tokenizer.json", "tokenizer.special.json") if n in reader.manifest["files"]]
-    if "tokenizer.json" not in names:
-        return None
-    reader.verify_files(names)
-    return load_tokenizer(reader.folder / "tokenizer.json")
 
 
 def _token_ids(tokenizer) -> dict:

@@ -57,6 +57,17 @@ class CheckpointReader:
         if bad is not None:
             raise CheckpointError(damaged_message(self.folder / bad))
 
+    def tokenizer(self):
+        """The checkpoint's tokenizer, its file and special-tokens record checked against their sha256s first;
+        None when the checkpoint carries none."""
+        from megalm.data.tokenizer import load_tokenizer
+
+        names = [n for n in ("tokenizer.json", "tokenizer.special.json") if n in self.manifest["files"]]
+        if "tokenizer.json" not in names:
+            return None
+        self.verify_files(names)
+        return load_tokenizer(self.folder / "tokenizer.json")
+
     def _open(self, file: str):
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.folder / file), framework="pt")

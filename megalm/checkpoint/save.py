@@ -9,6 +9,7 @@ hashed while it is written (``PlannedSafetensorsFile``), never read back.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -43,11 +44,8 @@ def _from_rank0(value):
 
 def _failure(step: int, path: Path, error: OSError, needed: int) -> str:
     """One line naming the rank, host, path, the reason and the space it needed."""
-    import shutil as _shutil
-    import socket
-
     try:
-        free = f"{_shutil.disk_usage(path.parent if not path.exists() else path).free / 1e9:.2f} GB free"
+        free = f"{shutil.disk_usage(path.parent if not path.exists() else path).free / 1e9:.2f} GB free"
     except OSError:
         free = "free space unknown"
     return (f"could not save the checkpoint of step {step} (rank {_rank()} on {socket.gethostname()}): {path}: "
