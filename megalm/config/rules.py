@@ -58,6 +58,8 @@ RANGES = {
     "parallel.timeout_s": (0.0, False, None, False),
     "parallel.heartbeat_timeout": (0.0, True, None, False),
     "parallel.stall_timeout": (0.0, True, None, False),
+    "parallel.join_timeout": (0.0, False, None, False),
+    "parallel.straggler_factor": (0.0, True, None, False),
     "data.seq_len": (1, True, None, False),
     "data.seed": (0, True, None, False),
     "train.steps": (1, True, None, False),

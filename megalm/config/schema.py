@@ -132,11 +132,17 @@ class ParallelConfig(_Freezable):
     """none, full (recompute each block) or selective (recompute attention only)."""
     timeout_s: float = 600.0
     """Seconds a collective may wait before the process group gives up (torch.distributed's timeout)."""
-    heartbeat_timeout: float = 10.0
+    heartbeat_timeout: float = 6.0
     """Seconds without a heartbeat before a rank is declared dead (killed, stopped, host lost) and every other
-    rank stops, naming it; 0 turns the watchdog off."""
+    rank stops, naming it; 0 turns the watchdog off. Beats come every timeout/5 s (at most 1 s), so a death is
+    named within about timeout + 1 s."""
     stall_timeout: float = 1800.0
     """Seconds a rank may beat without finishing a step or an operation before it is reported as stuck; 0: never."""
+    join_timeout: float = 300.0
+    """Seconds every rank waits for all the others to join at start-up before naming those missing and stopping."""
+    straggler_factor: float = 1.5
+    """A rank whose own work per log interval takes this many times the other ranks' mean is named in the log
+    (and metrics.jsonl); 0 turns the check off."""
 
 
 @dataclass

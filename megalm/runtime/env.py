@@ -2,7 +2,8 @@
 
 Understood launchers: torchrun and the ``deepspeed`` launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
 OpenMPI's mpirun (OMPI_COMM_WORLD_*, read before SLURM's, so that an mpirun inside an sbatch allocation is
-read as mpirun) and SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST). A bare
+read as mpirun), MPICH's and Intel MPI's mpiexec (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), other PMIx launchers
+through mpi4py, and SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST). A bare
 ``python -m megalm`` is a world of one. Every environment variable megalm writes for other libraries
 (torch's env://, DeepSpeed) is written by ``export_launch_env`` here.
 """
@@ -59,11 +60,30 @@ def discover(env: dict | None = None) -> LaunchInfo:
         return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                           int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
                           port, "mpirun")
+    if "PMI_RANK" in env and "PMI_SIZE" in env:          # MPICH's and Intel MPI's mpiexec (hydra)
+        return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
+                          int(env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0))),
+                          env.get("MASTER_ADDR", "127.0.0.1"), port, "mpiexec (PMI)")
+    if "PMIX_RANK" in env and "SLURM_PROCID" not in env:  # another PMIx launcher: ask MPI itself (mpi4py)
+        return _from_mpi4py(env, port)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1"))
         return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                           addr, port, "slurm")
     return LaunchInfo(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def _from_mpi4py(env, port: int) -> LaunchInfo:
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise ValueError("this process was started by a PMIx launcher (PMIX_RANK is set) that sets no rank "
+                         "variable megalm reads; install mpi4py (pip install mpi4py) or launch with torchrun, "
+                         "srun or mpirun") from error
+    world = MPI.COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    return LaunchInfo(world.Get_rank(), world.Get_size(), local.Get_rank(), env.get("MASTER_ADDR", "127.0.0.1"),
+                      port, "mpi4py")
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

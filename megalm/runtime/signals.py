@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,10 +76,52 @@ def over_budget(request: StopRequest, time_limit: float | None, margin_s: float)
     return False
 
 
-def agree_to_stop(wants: bool, device: torch.device) -> bool:
-    """True on every rank when any rank wants to stop (one all-reduce of one element)."""
+TIME_LIMIT_CODE = 1000.0      # beside signal numbers, in the stop agreement
+
+
+def agree_to_stop(request: StopRequest | bool, device: torch.device, step: int = 0) -> bool:
+    """True on every rank when any rank wants to stop (one all-reduce of three elements); a rank that had no
+    reason of its own takes the other ranks' (a signal, or the time budget), so every rank says the same. The
+    same all-reduce checks that every rank is at the same step: a rank that skipped or repeated a collective is
+    named, and every rank stops (DesyncError) instead of training on with collectives paired wrongly."""
+    wants = request if isinstance(request, bool) else request.reason is not None
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return wants
-    flag = torch.tensor([1.0 if wants else 0.0], device=device)
+    code = 0.0
+    if wants:
+        code = float(request.signum) if not isinstance(request, bool) and request.signum else TIME_LIMIT_CODE
+    flag = torch.tensor([code, step, -step], dtype=torch.float64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    highest, lowest = int(flag[1].item()), -int(flag[2].item())
+    if highest != lowest:
+        raise DesyncError(_name_the_odd_rank(step, highest, lowest, device))
+    agreed = flag[0].item()
+    if agreed and not isinstance(request, bool) and request.reason is None:
+        signum = int(agreed) if agreed != TIME_LIMIT_CODE else None
+        request.signum = signum
+        request.reason = (REASONS.get(signum, f"signal {signum}") + " on another rank" if signum
+                          else "train.time_limit nearly spent (on another rank)")
+    return bool(agreed > 0)
+
+
+class DesyncError(RuntimeError):
+    pass
+
+
+def _name_the_odd_rank(step: int, highest: int, lowest: int, device) -> str:
+    """Every rank learns how many ranks are at the highest step, and the largest rank on the smaller side."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([1.0 if step == highest else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(count)
+    at_highest = int(count.item())
+    odd_step = highest if at_highest <= world - at_highest else lowest
+    odd = torch.tensor([rank if step == odd_step else -1], dtype=torch.float64, device=device)
+    dist.all_reduce(odd, op=dist.ReduceOp.MAX)
+    n_odd = at_highest if odd_step == highest else world - at_highest
+    who = f"rank {int(odd.item())}" + (f" (and {n_odd - 1} more)" if n_odd > 1 else "")
+    if int(odd.item()) == rank:
+        who = f"rank {rank} (host {socket.gethostname()}{' and ' + str(n_odd - 1) + ' more' if n_odd > 1 else ''})"
+    majority = highest if odd_step == lowest else lowest
+    return (f"ranks out of step at the stop agreement: {who} at step {odd_step} while {world - n_odd} rank(s) are at "
+            f"step {majority}; it skipped or repeated a collective, so collectives were being paired wrongly. "
+            f"Stopping every rank; the last committed checkpoint is intact")

@@ -46,14 +46,19 @@ class Watchdog:
         self.interval = interval or max(0.1, min(1.0, timeout / 5))
         self.me = {"host": socket.gethostname(), "local_rank": local_rank}
         self.step, self.op, self.beats = 0, "starting", 0
+        self.bounded, self.slowest_step = False, 0.0
         self._exit, self._stop = exit, threading.Event()
         self._thread = threading.Thread(target=self._run, name="megalm-watchdog", daemon=True)
 
-    def note(self, op: str, step: int | None = None) -> None:
-        """What this rank is doing now (and, when given, the last step it completed); cheap, no I/O."""
-        self.op = op
+    def note(self, op: str, step: int | None = None, bounded: bool = False, slowest_step: float | None = None) -> None:
+        """What this rank is doing now (and, when given, the last step it completed); cheap, no I/O. ``bounded``:
+        the operation takes about one training step (a step, the stop agreement), so a rank in it for ten times
+        its slowest step (at least three heartbeat timeouts) is reported as stuck, before ``stall_timeout``."""
+        self.op, self.bounded = op, bounded
         if step is not None:
             self.step = step
+        if slowest_step is not None:
+            self.slowest_step = slowest_step
 
     def start(self) -> "Watchdog":
         self._publish()
@@ -81,7 +86,8 @@ class Watchdog:
 
     def _publish(self) -> None:
         self.beats += 1
-        record = {"beat": self.beats, "step": self.step, "op": self.op, **self.me}
+        record = {"beat": self.beats, "step": self.step, "op": self.op, "bounded": self.bounded,
+                  "slowest": self.slowest_step, **self.me}
         self.store.set(_beat_key(self.rank), json.dumps(record))
 
     def _run(self) -> None:
@@ -102,13 +108,36 @@ class Watchdog:
                     progress, progress_at = (record["step"], record["op"]), now
                 if now - seen_at > self.timeout:
                     self._report(neighbour, record, f"stopped responding {now - seen_at:.1f}s ago")
-                elif self.stall_timeout and now - progress_at > self.stall_timeout:
-                    self._report(neighbour, record, f"made no progress for {now - progress_at:.0f}s")
+                elif record is not None and now - progress_at > self._allowance(record):
+                    self._report_stall(neighbour, record, now - progress_at)
             except (RuntimeError, OSError, ValueError) as e:          # the store itself is gone
                 if self._stop.is_set():
                     return
                 return self._leave(f"the rendezvous store stopped answering ({type(e).__name__}: {e}); the rank "
                                    f"hosting it (rank 0, or the launcher's agent) has probably died")
+
+    def _allowance(self, record: dict) -> float:
+        limit = self.stall_timeout or float("inf")
+        if record.get("bounded") and record.get("slowest"):
+            limit = min(limit, max(3 * self.timeout, 10 * record["slowest"]))
+        return limit
+
+    def _report_stall(self, rank: int, record: dict, seconds: float) -> None:
+        """Every rank may be stuck when one skipped a collective: read every rank's record (once, on failure) and
+        name the ranks in a different operation from the rest, when there are such."""
+        records = {r: self._read(r) for r in range(self.world)}
+        groups: dict = {}
+        for r, rec in records.items():
+            groups.setdefault((rec["step"], rec["op"]) if rec else None, []).append(r)
+        what = f"made no progress for {seconds:.0f}s"
+        if len(groups) > 1:
+            odd_key, odd = min(groups.items(), key=lambda kv: len(kv[1]))
+            rest = max(groups.items(), key=lambda kv: len(kv[1]))
+            rank, record = odd[0], records[odd[0]]
+            what += (f"; {len(odd)} rank(s) ({', '.join(map(str, odd[:8]))}) were in a different operation from "
+                     f"the {len(rest[1])} in '{rest[0][1] if rest[0] else '?'}' after step "
+                     f"{rest[0][0] if rest[0] else '?'}: a rank that skipped or repeated a collective")
+        self._report(rank, record, what)
 
     def _read(self, rank: int) -> dict | None:
         if not self.store.check([_beat_key(rank)]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from megalm.engine import build_engine
 from megalm.engine.optim import lr_at
 from megalm.flops import flops_per_token
 from megalm.parallel.pipeline.p2p import P2P, activation_shape
-from megalm.runtime import Runtime, discover, finish, start
-from megalm.runtime.signals import StopRequest, agree_to_stop, install, over_budget, uninstall
+from megalm.runtime import Runtime, discover, faults, finish, start
+from megalm.runtime.stragglers import find_straggler, report
+from megalm.runtime.signals import DesyncError, StopRequest, agree_to_stop, install, over_budget, uninstall
 from megalm.train.checkpointing import restore, save
 from megalm.train.metrics import MetricsLogger, plot_loss_curve
 from megalm.train.step import evaluate, train_step
@@ -64,7 +66,7 @@ def train(cfg: Config) -> dict:
     try:
         return _train(cfg, rt, reader, from_load)
     except RuntimeError as error:          # a collective failed: the watchdog names the rank that is gone
-        if rt.watchdog is not None:
+        if rt.watchdog is not None and not isinstance(error, DesyncError):
             rt.watchdog.explain(error)
         raise
 
@@ -125,6 +127,7 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         if rt.is_logging_rank:
             print(f"megalm: stopped at step {step} ({request.reason or 'another rank was asked to stop'}); "
                   f"checkpoint saved: rerun the same command to resume", flush=True)
+            _mark_stopped(step, request)
         result.update(stopped=request.reason or "requested", exit_status=request.exit_status())
     elif step < t.steps:      # stopped early on purpose (train.stop_at_step): the next run resumes here
         checkpoint()
@@ -149,19 +152,25 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
     t, topo, step = cfg.train, rt.topo, progress["step"]
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     last = min(t.steps, t.stop_at_step or t.steps)
-    slowest = save_seconds = 0.0
+    slowest = save_seconds = busy = 0.0
+    window_start, clock, suspects = step + 1, {}, []
     while step < last:
         torch.manual_seed(t.seed + step)     # dropout masks depend on (seed, step) only: exact resume
         begin = time.perf_counter()
-        rt.note(f"training step {step + 1} (data, forward/backward, optimizer)", step)
+        rt.note(f"training step {step + 1} (data, forward/backward, optimizer)", step, bounded=True,
+                slowest_step=slowest)
+        faults.strike("step_start", rt.info.rank, step + 1)
         micro = [b.to(rt.device) for b in sampler.next_batch()]
         lr = lr_at(step, cfg)
         if comm is not None:
             comm.reset()
-        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1)
+        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1, clock)
         step = progress["step"] = step + 1
         seconds = time.perf_counter() - begin
-        slowest = max(slowest, seconds)
+        slowest, busy = max(slowest, seconds), busy + clock["schedule_done"] - begin
+        if step % t.log_interval == 0 or step == last:
+            if _check_stragglers(cfg, rt, log, busy, window_start, step, suspects):
+                busy, window_start = 0.0, step + 1
         log.train_step(step, loss, lr, norm, tokens_per_step / seconds,
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
                        loss_scale=engine.loss_scale, comm=comm)
@@ -172,12 +181,36 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
             started = time.perf_counter()
             checkpoint()
             save_seconds = time.perf_counter() - started
-        rt.note("agreeing whether to stop", step)
+        rt.note("agreeing whether to stop", step, bounded=True, slowest_step=slowest)
         margin = max(t.time_limit_margin, 2 * slowest + save_seconds)
-        if step < last and agree_to_stop(request.reason is not None or over_budget(request, t.time_limit, margin),
-                                         rt.device):
+        if faults.strike("stop_agreement", rt.info.rank, step):
+            continue
+        over_budget(request, t.time_limit, margin)          # sets request.reason when the budget is spent
+        if step < last and agree_to_stop(request, rt.device, step):
             return True
     return False
+
+
+def _check_stragglers(cfg, rt, log, busy: float, first_step: int, last_step: int, suspects: list) -> bool:
+    """Judge the window (returns False to extend it); name a rank that was the straggler twice in a row."""
+    factor = cfg.parallel.straggler_factor
+    straggler, judged = find_straggler(busy, factor, rt.device)
+    if not judged:
+        return False
+    previous = suspects[-1] if suspects else None
+    suspects[:] = [straggler]
+    if straggler is not None and previous is not None and previous.rank == straggler.rank:
+        report(straggler, rt.info.rank, rt.info.local_rank, first_step, last_step, factor)
+        log.log({"step": last_step, "straggler_rank": straggler.rank, "straggler_ratio": round(straggler.ratio, 3)})
+    return True
+
+
+def _mark_stopped(step: int, request: StopRequest) -> None:
+    """Tell a batch script (MEGALM_STOP_FILE, set by launch_scripts/slurm/common.sh) that this run stopped with a
+    checkpoint and should be requeued: launchers such as torchrun and mpirun do not pass exit status 75 through."""
+    marker = os.environ.get("MEGALM_STOP_FILE")
+    if marker:
+        Path(marker).write_text(f"stopped at step {step} with a checkpoint ({request.reason or 'requested'})\n")
 
 
 def count_tensor_parallel_traffic(chunks):

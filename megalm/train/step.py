@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,10 +43,15 @@ def global_mean(value: float, topo: Topology, device) -> float:
     return float(t)
 
 
-def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int):
-    """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm)."""
+def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int,
+               clock: dict | None = None):
+    """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm).
+    ``clock``: receives ``schedule_done`` (perf_counter), the end of this rank's own work before the first
+    data-parallel collective."""
     fwd, bwd = _callbacks(engine, p2p, micro_batches)
     losses = SCHEDULES[schedule](p2p, len(micro_batches), len(engine.chunks), fwd, bwd)
+    if clock is not None:
+        clock["schedule_done"] = time.perf_counter()
     local = float(sum(loss.double() for loss in losses)) if losses else 0.0
     loss = global_mean(local, topo, p2p.device)
     if not math.isfinite(loss):

@@ -382,3 +382,18 @@ def test_json_batch_sizes_count_in_validation_before_the_launch(tmp_path):
         validate(_json_cfg(tmp_path, user), 2)
     cfg, _ = _resolved(_json_cfg(tmp_path, user), 2)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (16, 2)
+
+
+def test_the_first_deepspeed_start_says_it_is_compiling_and_where_it_caches(tmp_path, monkeypatch, capsys):
+    """An empty extension cache: one line naming the op and the folder; a cache holding the built op: silence."""
+    from megalm.engine.deepspeed.compat import announce_jit_builds, import_deepspeed
+
+    import_deepspeed()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert announce_jit_builds(["ShareMemCommBuilder"]) == ["deepspeed_shm_comm"]
+    line = capsys.readouterr().out
+    assert "DeepSpeed is compiling its deepspeed_shm_comm op" in line and str(tmp_path) in line
+    (next(tmp_path.rglob("deepspeed_shm_comm")) / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert announce_jit_builds(["ShareMemCommBuilder"]) == []
+    assert capsys.readouterr().out == ""

@@ -166,7 +166,9 @@ MPIRUN = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_W
     # torchrun.sbatch: srun starts one torchrun per node; torchrun's RANK, not the srun task, is the rank
     ({**SRUN, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", **TORCHRUN},
      LaunchInfo(3, 8, 1, "10.0.0.1", 29501, "torchrun/deepspeed")),
-], ids=["bare", "torchrun", "mpirun", "srun", "torchrun-under-srun"])
+    ({"PMI_RANK": "6", "PMI_SIZE": "8", "MPI_LOCALRANKID": "2", "MASTER_ADDR": "node2"},     # MPICH's hydra
+     LaunchInfo(6, 8, 2, "node2", 29500, "mpiexec (PMI)")),
+], ids=["bare", "torchrun", "mpirun", "srun", "torchrun-under-srun", "mpich"])
 def test_discover(monkeypatch, env, expected):
     monkeypatch.setattr(launch, "subprocess", SimpleNamespace(run=no_scontrol,
                                                               SubprocessError=subprocess.SubprocessError))

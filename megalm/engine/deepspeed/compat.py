@@ -43,6 +43,30 @@ def zero_to_fp32_state_dict(folder, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
 
 
+def announce_jit_builds(builder_names: list[str]) -> list[str]:
+    """Say, before DeepSpeed goes quiet for minutes, which of its ops it is about to compile (once per machine:
+    torch caches the build under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); returns the names of
+    the ops that will be compiled. Printed by local rank 0 only; the other local ranks wait on torch's lock."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    pending = []
+    for builder_name in builder_names:
+        builder = get_accelerator().create_op_builder(builder_name)
+        if builder is None or installed_ops.get(builder.name, False):
+            continue
+        folder = _get_build_directory(builder.name, verbose=False)
+        if not any(f.endswith(".so") for f in os.listdir(folder)):
+            pending.append((builder.name, folder))
+    if pending and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        for name, folder in pending:
+            print(f"megalm: DeepSpeed is compiling its {name} op, once per machine (1-2.5 minutes on 2 CPU cores); "
+                  f"later starts load it from {folder} (set TORCH_EXTENSIONS_DIR to keep the cache elsewhere)",
+                  flush=True)
+    return [name for name, _ in pending]
+
+
 def ensure_distributed():
     """DeepSpeed needs a process group even for one process: make a gloo world of one when none exists."""
     if not dist.is_initialized():
@@ -51,6 +75,7 @@ def ensure_distributed():
     # read by DeepSpeed's rank-consistency checks
     export_launch_env(LaunchInfo(rank, world, int(os.environ.get("LOCAL_RANK", 0)), "127.0.0.1", 29500, "group"))
     deepspeed = import_deepspeed()
+    announce_jit_builds(["ShareMemCommBuilder"])            # init_distributed loads it (compiling it the first time)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)   # adopts our group
     return deepspeed
 

@@ -1,0 +1,80 @@
+"""Planned faults, to rehearse failures and to test that none loses anything (off by default, costless when off).
+
+Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:key=value,...``::
+
+    MEGALM_FAULTS="kill:rank=1,step=5"              # SIGKILL rank 1 as it starts step 5
+    MEGALM_FAULTS="stop:rank=2,step=3"              # SIGSTOP it there (a hung process)
+    MEGALM_FAULTS="delay:rank=1,seconds=0.2"        # a straggler: sleep 0.2 s at the start of every step
+    MEGALM_FAULTS="skip_collective:rank=1,step=4"   # rank 1 skips the stop agreement after step 4
+    MEGALM_FAULTS="hang:rank=0,step=2"              # rank 0 stops making progress but keeps its heartbeat
+
+``rank`` defaults to every rank and ``step`` to every step. The points where a fault can strike are named
+(``step_start``, ``stop_agreement``); each action belongs to one point. Unknown actions or keys are an error
+naming them, so a typo never rehearses nothing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+ACTIONS = {"kill": "step_start", "stop": "step_start", "delay": "step_start", "hang": "step_start",
+           "skip_collective": "stop_agreement"}
+KEYS = {"rank", "step", "seconds"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    rank: int | None = None
+    step: int | None = None
+    seconds: float = 0.0
+
+    def applies(self, point: str, rank: int, step: int) -> bool:
+        return (ACTIONS[self.action] == point and self.rank in (None, rank) and self.step in (None, step))
+
+
+def parse(text: str | None) -> tuple[Fault, ...]:
+    faults = []
+    for item in filter(None, (part.strip() for part in (text or "").split(";"))):
+        action, _, args = item.partition(":")
+        if action not in ACTIONS:
+            raise ValueError(f"MEGALM_FAULTS: unknown fault {action!r} in {item!r}; known: {', '.join(ACTIONS)}")
+        values = {}
+        for pair in filter(None, args.split(",")):
+            key, _, value = pair.partition("=")
+            if key not in KEYS:
+                raise ValueError(f"MEGALM_FAULTS: unknown key {key!r} in {item!r}; known: {', '.join(sorted(KEYS))}")
+            values[key] = float(value) if key == "seconds" else int(value)
+        faults.append(Fault(action, **values))
+    return tuple(faults)
+
+
+_planned: tuple[Fault, ...] | None = None          # read from the environment at the first strike
+
+
+def strike(point: str, rank: int, step: int) -> bool:
+    """Carry out the faults planned for this point; returns True when the caller should skip what it was about to
+    do (skip_collective). One test of an empty tuple when nothing is planned."""
+    global _planned
+    if _planned is None:
+        _planned = parse(os.environ.get("MEGALM_FAULTS"))
+    if not _planned:
+        return False
+    skip = False
+    for fault in _planned:
+        if not fault.applies(point, rank, step):
+            continue
+        if fault.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif fault.action == "delay":
+            time.sleep(fault.seconds)
+        elif fault.action == "hang":
+            while True:
+                time.sleep(3600)
+        elif fault.action == "skip_collective":
+            skip = True
+    return skip
