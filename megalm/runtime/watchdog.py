@@ -131,7 +131,7 @@ class Watchdog:
             groups.setdefault((rec["step"], rec["op"]) if rec else None, []).append(r)
         what = f"made no progress for {seconds:.0f}s"
         if len(groups) > 1:
-            odd_key, odd = min(groups.items(), key=lambda kv: len(kv[1]))
+            odd = min(groups.values(), key=len)
             rest = max(groups.items(), key=lambda kv: len(kv[1]))
             rank, record = odd[0], records[odd[0]]
             what += (f"; {len(odd)} rank(s) ({', '.join(map(str, odd[:8]))}) were in a different operation from "
