@@ -16,13 +16,15 @@ PREFIX.idx, little-endian::
 
 PREFIX.bin is the documents' token ids back to back, in the smallest dtype that holds the vocabulary. Both
 files are written under temporary names and renamed into place at the end, so a crash never leaves a
-half-written dataset under the final name. Opening checks everything that costs no pass over the tokens.
+half-written dataset under the final name; the writer streams both (its memory does not grow with the corpus).
+Opening checks everything that costs no pass over the tokens.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import pathlib
+import shutil
 import struct
 import zlib
 
@@ -60,8 +62,10 @@ class IndexedDatasetWriter:
         tag = f".tmp-{os.getpid()}"
         self._bin_tmp = self.bin_path.with_name(self.bin_path.name + tag)
         self._idx_tmp = self.idx_path.with_name(self.idx_path.name + tag)
+        self._ends_tmp = self.idx_path.with_name(self.idx_path.name + tag + ".ends")
         self._bin = open(self._bin_tmp, "wb")
-        self._offsets = [0]
+        self._ends = open(self._ends_tmp, "wb")     # each document's end offset, streamed, not held
+        self._num_docs = self._num_tokens = 0
         self._max_id = -1
         self._crc = 0
         self._limit = np.iinfo(self.dtype).max
@@ -69,9 +73,17 @@ class IndexedDatasetWriter:
     def add_document(self, ids) -> None:
         """Append one document's token ids (the caller appends the end-of-document token)."""
         arr = np.asarray(ids)
+        self.add_documents(arr, [arr.size if arr.ndim == 1 else -1])
+
+    def add_documents(self, flat, lengths) -> None:
+        """Append documents given as their token ids back to back and each one's length: one write per call."""
+        arr = np.asarray(flat)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise DataError(f"a document must be a 1-D sequence of integer token ids, got shape {arr.shape} "
                             f"dtype {arr.dtype}")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.ndim != 1 or np.any(lengths < 0) or lengths.sum() != arr.size:
+            raise DataError(f"document lengths {lengths[:8].tolist()}... do not add up to the {arr.size} ids given")
         if arr.size:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi > self._limit:
@@ -82,23 +94,28 @@ class IndexedDatasetWriter:
         data = arr.astype(self.dtype, copy=False).tobytes()
         self._bin.write(data)
         self._crc = zlib.crc32(data, self._crc)
-        self._offsets.append(self._offsets[-1] + arr.size)
+        self._ends.write((self._num_tokens + np.cumsum(lengths)).astype("<u8").tobytes())
+        self._num_docs += len(lengths)
+        self._num_tokens += arr.size
 
     def finalize(self) -> None:
         """Write PREFIX.idx and move both files into place (PREFIX.bin first, then PREFIX.idx)."""
         self._bin.close()
-        offsets = np.asarray(self._offsets, dtype="<u8")
-        header = _HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], len(offsets) - 1, int(offsets[-1]),
+        self._ends.close()
+        header = _HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], self._num_docs, self._num_tokens,
                               self._max_id, self._crc)
-        with open(self._idx_tmp, "wb") as f:
+        with open(self._idx_tmp, "wb") as f, open(self._ends_tmp, "rb") as ends:
             f.write(header)
-            f.write(offsets.tobytes())
+            f.write(np.zeros(1, dtype="<u8").tobytes())
+            shutil.copyfileobj(ends, f, 1 << 20)
+        self._ends_tmp.unlink()
         os.replace(self._bin_tmp, self.bin_path)
         os.replace(self._idx_tmp, self.idx_path)
 
     def abort(self) -> None:
         self._bin.close()
-        for p in (self._bin_tmp, self._idx_tmp):
+        self._ends.close()
+        for p in (self._bin_tmp, self._idx_tmp, self._ends_tmp):
             p.unlink(missing_ok=True)
 
     def __enter__(self):

@@ -146,7 +146,7 @@ def test_default_corpus_is_the_stdlib_sorted_without_site_packages():
 def test_jsonl_errors_name_file_line_and_fix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text key"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2 has no key 'text' \(found \['body'\]\).*--jsonl-key"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2 has no key 'text' \(found \['body'\]\).*--text-key"):
         list(iter_documents([str(bad)]))
     bad.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
