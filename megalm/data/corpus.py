@@ -108,7 +108,7 @@ def survey(paths: list[pathlib.Path], text_key: str, decode_errors: str, on_erro
         try:
             item = identify(path)
             if item.kind == "binary":
-                fates.skip(path, "skipped_binary", item.why)
+                fates.skip(path, "skipped_binary", f"{path} {item.why}")
                 continue
             check_readable(item, text_key, decode_errors)
         except InputError as e:

@@ -21,7 +21,7 @@ import numpy as np
 from megalm.data.errors import DataError
 from megalm.data.quality import words
 
-_ROWS_PER_BLOCK = 1 << 16
+_ROWS_PER_BLOCK = 1 << 12
 
 
 @dataclass(frozen=True)

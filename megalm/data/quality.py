@@ -17,7 +17,6 @@ measures are a few lines each, and their definitions are stated here and tested 
 """
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import re

@@ -274,6 +274,6 @@ def check_readable(item: Input, text_key: str, decode_errors: str) -> None:
     # Only what was read: a multi-byte character cut at the end of the sample is not an error.
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     try:
-        decoder.decode(head, final=False)
+        decoder.decode(head, final=len(head) < SNIFF_BYTES)
     except UnicodeDecodeError:
         _decode(head, item, decode_errors)

@@ -56,7 +56,7 @@ def table(report: dict) -> str:
     skipped = {k: v for k, v in counts.items() if k != "read"}
     lines.append(f"inputs: {counts.get('read', 0)} read" + "".join(f", {v} {k}" for k, v in skipped.items()))
     for s in report["inputs"]["skipped"][:5]:
-        lines.append(f"  {s['fate']}: {s['path']}: {s['why'][:160]}")
+        lines.append(f"  {s['fate']}: {s['why'][:200]}")
     return "\n".join(lines)
 
 

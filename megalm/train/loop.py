@@ -22,8 +22,8 @@ from megalm.engine.optim import lr_at
 from megalm.flops import flops_per_token
 from megalm.parallel.pipeline.p2p import P2P, activation_shape
 from megalm.runtime import Runtime, discover, faults, finish, start
-from megalm.runtime.stragglers import find_straggler, report
 from megalm.runtime.signals import DesyncError, StopRequest, agree_to_stop, install, over_budget, uninstall
+from megalm.runtime.stragglers import find_straggler, report
 from megalm.train.checkpointing import restore, save
 from megalm.train.metrics import MetricsLogger, plot_loss_curve
 from megalm.train.step import evaluate, train_step
