@@ -4,8 +4,9 @@ Each rank sums the seconds it spends on its own work in a step (data, then the s
 before the first data-parallel collective) over a log interval. Three one-element all-reduces (sum, max, and the
 rank holding the max) then compare the slowest rank with the mean of the others: the cost per rank does not grow
 with the world. A window shorter than a second of work is extended to the next interval, and a rank is named
-only when it is the slowest by ``factor`` in two windows in a row (one slow window is noise). Waits inside tensor- and pipeline-parallel groups are counted as work (a group slows together),
-so a straggler is found among ranks that do not wait for each other within a step: data-parallel peers.
+only when it is the slowest by ``factor`` in two windows in a row (one slow window is noise). Waits inside
+tensor- and pipeline-parallel groups are counted as work (a group slows together), so a straggler is found
+among ranks that do not wait for each other within a step: data-parallel peers.
 """
 from __future__ import annotations
 

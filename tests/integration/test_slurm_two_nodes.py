@@ -56,8 +56,9 @@ def overrides(prefix, run_dir, layout: str, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def single_process(tiny_corpus, tmp_path_factory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("single")
-    proc = subprocess.run([sys.executable, "-m", "megalm", "train", "--config", "configs/tiny.yaml"] + overrides(tiny_corpus, run_dir, "tp2-dp2",
-                          **{"parallel.tp": 1}), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "megalm", "train", "--config", "configs/tiny.yaml"]
+    proc = subprocess.run(command + overrides(tiny_corpus, run_dir, "tp2-dp2", **{"parallel.tp": 1}), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return losses(run_dir)
 
