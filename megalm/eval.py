@@ -28,6 +28,7 @@ def text_samples(tokenizer, path: str, seq_len: int) -> list[np.ndarray]:
 
 
 def main(argv=None) -> int:
+    from megalm.data.blend import BlendedDataset, open_split
     from megalm.data.dataset import TokenDataset
     from megalm.inference import checkpoint_config, checkpoint_tokenizer, load_model
     from megalm.runtime import finish
@@ -52,10 +53,14 @@ def main(argv=None) -> int:
         samples = text_samples(tokenizer, args.text, seq)[:args.samples]
         where = args.text
     else:
-        prefix = args.data or cfg.data.prefix
-        ds = TokenDataset(prefix, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
+        if args.data:
+            ds = TokenDataset(args.data, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
+            where = f"{args.data} ({args.split})"
+        else:
+            ds = open_split(cfg.data, args.split, cfg.model.vocab_size)
+            names = ds.names if isinstance(ds, BlendedDataset) else [cfg.data.prefix]
+            where = f"{' + '.join(names)} ({args.split})"
         samples = [ds.sample(i) for i in range(min(len(ds), args.samples))]
-        where = f"{prefix} ({args.split})"
     rt, cfg, engine = load_model(cfg, reader)
     topo = rt.topo
     mbs = max(1, min(cfg.train.micro_batch_size, len(samples) // topo.dp))

@@ -286,7 +286,8 @@ def convert_from_deepspeed(src, dst, config_file, tag=None) -> dict:
     if dst.exists() and any(dst.iterdir()):
         raise ConvertError(f"{dst} exists and is not empty; megalm convert never overwrites: choose a new --dst")
     cfg = load_config(config_file)
-    resolve_vocab(cfg, dataset_tokenizer(cfg.data.prefix))    # as `megalm train` did: from its tokenizer
+    from megalm.data.blend import tokenizer_prefix
+    resolve_vocab(cfg, dataset_tokenizer(tokenizer_prefix(cfg.data)))    # as `megalm train` did: its tokenizer
     return convert_deepspeed_checkpoint(src, dst, cfg, tag=tag)
 
 

@@ -227,7 +227,9 @@ def convert_deepspeed_checkpoint(ds_dir, out_dir, model_config, tag=None, with_o
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)                     # nothing half-written stays behind
         raise
-    add_tokenizer(tmp, manifest, tokenizer_path(cfg.data.prefix) if cfg.data.prefix else None)
+    from megalm.data.blend import tokenizer_prefix
+    prefix = tokenizer_prefix(cfg.data)
+    add_tokenizer(tmp, manifest, tokenizer_path(prefix) if prefix else None)
     commit(tmp, final, manifest, latest_root=root)
     print(f"convert: {folder} (ZeRO-{manifest['layout']['zero_stage']}, tp {tp}, dp {manifest['layout']['dp']}) "
           f"-> {final} in {time.perf_counter() - begin:.1f}s", flush=True)

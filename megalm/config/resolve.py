@@ -25,6 +25,8 @@ def resolve(cfg: Config, world_size: int, *, checkpoint: Optional[tuple[Path, di
     use CUDA (None: decided from train.device and the machine).
     """
     work = cfg.mutable_copy()
+    if work.data.blend is not None and not work.is_set("data.prefix"):
+        work.data.prefix = None                      # the blend's sources are the data; no default prefix
     if checkpoint is not None:
         _adopt_checkpoint_model(work, *checkpoint, adopt_model)
     resolve_vocab(work, tokenizer)

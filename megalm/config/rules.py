@@ -299,9 +299,57 @@ def check_engine(cfg: Config) -> None:
                           "train.precision=bf16, or megalm's own engine (parallel.engine=native, zero_stage=0)")
 
 
+def blend_sources(blend) -> list[tuple[str, float]]:
+    """data.blend as (prefix, weight) pairs, the weights summing to 1; a malformed blend is a ConfigError."""
+    how = ("data.blend must be [weight, prefix, weight, prefix, ...] or a list of {prefix: P, weight: W} or of "
+           "{prefix: P, tokens: N}")
+    if not isinstance(blend, (list, tuple)) or not blend:
+        raise ConfigError(f"data.blend={blend!r}: {how}")
+    if all(isinstance(e, dict) for e in blend):
+        kinds = {"weight" if "weight" in e else "tokens" for e in blend}
+        bad = [e for e in blend if set(e) not in ({"prefix", "weight"}, {"prefix", "tokens"})]
+        if bad or len(kinds) > 1:
+            raise ConfigError(f"data.blend entry {bad[0] if bad else blend!r}: {how}, all weights or all tokens")
+        pairs = [(e["prefix"], e.get("weight", e.get("tokens"))) for e in blend]
+    elif len(blend) % 2 == 0:
+        pairs = list(zip(blend[1::2], blend[0::2]))
+    else:
+        raise ConfigError(f"data.blend={list(blend)!r} has an odd number of items: {how}")
+    pairs = [(p, _number(w)) for p, w in pairs]
+    for prefix, weight in pairs:
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigError(f"data.blend: {prefix!r} is not a dataset prefix; {how}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise ConfigError(f"data.blend: the weight of {prefix} is {weight!r}; it must be a positive number")
+    prefixes = [p for p, _ in pairs]
+    if len(set(prefixes)) != len(prefixes):
+        raise ConfigError(f"data.blend names a prefix twice ({prefixes}): give each source once, with its total "
+                          f"weight")
+    total = sum(w for _, w in pairs)
+    return [(p, w / total) for p, w in pairs]
+
+
+def _number(value):
+    """YAML 1.1 reads 2e9 (no dot) as a string."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def check_data(cfg: Config) -> None:
+    if cfg.data.blend is None:
+        return
+    blend_sources(cfg.data.blend)
+    if cfg.is_set("data.prefix") and cfg.data.prefix:
+        raise ConfigError(f"data.prefix={cfg.data.prefix} and data.blend are both set: a run reads one or the "
+                          f"other; put {cfg.data.prefix} into the blend or drop data.prefix")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> None:
     """Every rule, in order; ``world_size`` None checks the layout against parallel.dp (or 1)."""
     check_choices_and_ranges(cfg)
+    check_data(cfg)
     check_model(cfg)
     check_pipeline(cfg, cuda)
     check_batch(cfg, world_size)

@@ -155,6 +155,11 @@ class DataConfig(_Freezable):
     """Train/validation/test weights of the by-document split."""
     seed: int = 1234
     """Seed of the split and the sample shuffle."""
+    blend: Optional[list] = None
+    """Several datasets drawn in fixed proportions instead of data.prefix: Megatron's [0.3, data/a, 0.7, data/b],
+    or [{prefix: data/a, weight: 0.3}, ...] or [{prefix: data/a, tokens: 2e9}, ...] (weights from token counts);
+    every source needs the same tokenizer. Samples are assigned to sources greedily by largest deficit, so after
+    n samples each source has its weight times n within one sample."""
 
 
 @dataclass

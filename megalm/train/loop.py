@@ -15,7 +15,8 @@ from megalm.bench.harness import device_peak_flops
 from megalm.checkpoint.format import CheckpointError, checkpoints_root, latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader
 from megalm.config import Config, ConfigError, resolve
-from megalm.data.dataset import BatchSampler, TokenDataset, eval_batches
+from megalm.data.blend import BlendedDataset, check_resumed_blend, open_split, tokenizer_prefix
+from megalm.data.dataset import BatchSampler, eval_batches
 from megalm.data.tokenizer import dataset_tokenizer, tokenizer_path
 from megalm.engine import build_engine
 from megalm.engine.optim import lr_at
@@ -56,7 +57,7 @@ def prepare(cfg: Config) -> tuple[Config, Runtime, CheckpointReader | None, bool
     source, from_load = find_source(cfg)
     reader = CheckpointReader(source, verify=False) if source else None    # verified per rank by restore()
     cfg = resolve(cfg, info.world_size, checkpoint=(reader.folder, reader.manifest["config"]) if reader else None,
-                  adopt_model=from_load, tokenizer=dataset_tokenizer(cfg.data.prefix))
+                  adopt_model=from_load, tokenizer=dataset_tokenizer(tokenizer_prefix(cfg.data)))
     return cfg, start(cfg, info), reader, from_load
 
 
@@ -76,10 +77,15 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     engine = build_engine(cfg, topo, rt.device, init=reader is None)
     comm = count_tensor_parallel_traffic(engine.chunks)
     say = print if rt.is_logging_rank else (lambda line: None)
-    step, consumed = restore(engine, reader, from_load and cfg.checkpoint.load_weights_only, say) if reader else (0, 0)
+    weights_only = from_load and cfg.checkpoint.load_weights_only
+    step, consumed, saved_data = restore(engine, reader, weights_only, say) if reader else (0, 0, {})
     first_step, progress = step, {"step": step}         # the step the closures below save and log at
-    data = {split: TokenDataset(cfg.data.prefix, split, cfg.data.seq_len, cfg.data.seed, cfg.model.vocab_size,
-                                tuple(cfg.data.split)) for split in ("train", "valid", "test")}
+    data = {split: open_split(cfg.data, split, cfg.model.vocab_size) for split in ("train", "valid", "test")}
+    blend = data["train"] if isinstance(data["train"], BlendedDataset) else None
+    if blend is not None:
+        check_resumed_blend(blend, saved_data.get("blend"), consumed)
+        for line in blend.epochs_warning(t.steps * t.global_batch_size):
+            say(line)
     sampler = BatchSampler(data["train"], t.global_batch_size, t.micro_batch_size, topo.dp_rank, topo.dp, consumed)
     p2p = P2P(topo, activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size, topo),
               engine.activation_dtype, rt.device, num_chunks=len(engine.chunks))
@@ -105,7 +111,8 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     def checkpoint() -> None:
         rt.note(f"checkpoint save of step {progress['step']}", progress["step"])
         try:
-            save(engine, cfg, topo, progress["step"], sampler.consumed_samples, tokenizer_path(cfg.data.prefix))
+            save(engine, cfg, topo, progress["step"], sampler.consumed_samples,
+                 tokenizer_path(tokenizer_prefix(cfg.data)), blend and blend.state(sampler.consumed_samples))
         except CheckpointError as error:          # the same on every rank; nothing was committed
             if cfg.checkpoint.on_error == "stop":
                 raise
@@ -174,6 +181,8 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
         log.train_step(step, loss, lr, norm, tokens_per_step / seconds,
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
                        loss_scale=engine.loss_scale, comm=comm)
+        if isinstance(sampler.dataset, BlendedDataset) and (step % t.log_interval == 0 or step == last):
+            log.data_sources(step, sampler.dataset.names, sampler.dataset.counts(sampler.consumed_samples), True)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
             rt.note(f"evaluation after step {step}", step)
             run_eval("valid")
