@@ -31,6 +31,7 @@ BENCHES = {
     "train": "megalm.bench.train",
     "memory": "megalm.bench.memory",
     "convert": "megalm.bench.convert",
+    "preprocess": "megalm.bench.preprocess",
     "compare": "megalm.bench.compare",
 }
 

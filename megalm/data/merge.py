@@ -16,6 +16,7 @@ import numpy as np
 
 from megalm.data.errors import DataError
 from megalm.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megalm.data.report import refuse_existing
 from megalm.data.tokenizer import special_path, tokenizer_path
 
 _BLOCK_DOCS = 1 << 16
@@ -40,8 +41,7 @@ def _same_tokenizer(prefixes: list[str]) -> None:
 def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> dict:
     if len(prefixes) < 1:
         raise DataError("merge needs at least one dataset prefix")
-    from megalm.data.preprocess import _refuse_existing
-    _refuse_existing(output_prefix, overwrite)
+    refuse_existing(output_prefix, overwrite)
     parts = [IndexedDataset(p) for p in prefixes]          # validates every header before any work
     dtypes = {str(p.dtype) for p in parts}
     if len(dtypes) > 1:

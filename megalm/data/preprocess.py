@@ -29,7 +29,7 @@ from megalm.data.indexed import IndexedDatasetWriter, best_dtype
 from megalm.data.neardup import NearDupConfig
 from megalm.data.quality import parse_filters
 from megalm.data.readers import DECODE_POLICIES, Input
-from megalm.data.report import build_report, histogram_path, report_path, table, write_report
+from megalm.data.report import build_report, histogram_path, refuse_existing, report_path, table, write_report
 from megalm.data.tokenizer import (
     MIN_VOCAB_SIZE,
     SpecialTokens,
@@ -136,18 +136,7 @@ def _check_args(output_prefix, tokenizer, vocab_size, workers, text_key, decode_
     if str(output_prefix).endswith(("/", os.sep)) or pathlib.Path(output_prefix).is_dir():
         raise DataError(f"--output-prefix {output_prefix} is a folder: give a file prefix such as "
                         f"{pathlib.Path(output_prefix) / 'corpus'} (PREFIX.bin and PREFIX.idx are written)")
-    _refuse_existing(output_prefix, overwrite)
-
-
-def output_paths(prefix) -> list[str]:
-    return [f"{prefix}.bin", f"{prefix}.idx", tokenizer_path(prefix), report_path(prefix), histogram_path(prefix)]
-
-
-def _refuse_existing(prefix, overwrite: bool) -> None:
-    existing = [p for p in output_paths(prefix) if os.path.exists(p)]
-    if existing and not overwrite:
-        raise DataError(f"--output-prefix {prefix} already holds {', '.join(existing)}: pass --overwrite to "
-                        f"replace it, or choose another prefix")
+    refuse_existing(output_prefix, overwrite)
 
 
 def _get_tokenizer(tokenizer, vocab_size, parse_special: bool = False) -> Tokenizer | None:

@@ -8,6 +8,8 @@ import pathlib
 import numpy as np
 
 from megalm.data.cleaning import LENGTH_BINS, Decider
+from megalm.data.errors import DataError
+from megalm.data.tokenizer import tokenizer_path
 
 
 def report_path(prefix) -> str:
@@ -16,6 +18,18 @@ def report_path(prefix) -> str:
 
 def histogram_path(prefix) -> str:
     return f"{prefix}.lengths.png"
+
+
+def output_paths(prefix) -> list[str]:
+    """Every file ``megalm preprocess`` writes at ``prefix``."""
+    return [f"{prefix}.bin", f"{prefix}.idx", tokenizer_path(prefix), report_path(prefix), histogram_path(prefix)]
+
+
+def refuse_existing(prefix, overwrite: bool) -> None:
+    existing = [p for p in output_paths(prefix) if os.path.exists(p)]
+    if existing and not overwrite:
+        raise DataError(f"--output-prefix {prefix} already holds {', '.join(existing)}: pass --overwrite to "
+                        f"replace it, or choose another prefix")
 
 
 def build_report(decider: Decider, fates: dict, settings: dict) -> dict:
