@@ -174,12 +174,13 @@ def test_console_table_names_each_stage(tmp_path, capsys):
 # ---------------------------------------------------------------- memory
 
 _MEASURE = """
-import json, resource, sys
+import json, sys
+from megalm.data.memory import peak_rss_bytes
 from megalm.data.preprocess import preprocess
 from megalm.data.neardup import NearDupConfig
 r = preprocess([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], workers=1, near_dup=NearDupConfig(),
                show_progress=False)
-print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"rss": peak_rss_bytes(),
                   "index": r["report"]["growing_index_bytes"], "docs": r["documents"]}))
 """
 
