@@ -1,7 +1,7 @@
 """Reading one input: what it is (by its bytes, not only its name), and the documents in it.
 
 Kinds: ``text`` (any text, Markdown or source file: one document), ``jsonl`` (one JSON object per line),
-``json-array`` (a JSON list of objects or strings), ``parquet``, ``arrow`` (Arrow IPC file or stream) and
+``json-array`` (a JSON list of objects or strings), ``json-document`` (one JSON object over many lines: refused), ``parquet``, ``arrow`` (Arrow IPC file or stream) and
 ``hf-dataset`` (a Hugging Face ``datasets`` folder written by ``save_to_disk``). Any of the file kinds may be
 compressed with gzip, zstd, xz or bz2; compression is recognised by its magic bytes and the kind by the name with
 the compression suffix taken off (``a.jsonl.gz`` is gzip-compressed JSON lines). A file whose first bytes hold a
@@ -115,8 +115,19 @@ def identify(path: pathlib.Path) -> Input:
     if suffix in _JSONL_SUFFIXES:
         return Input(path, "jsonl", compression)
     if suffix == ".json":
-        return Input(path, "json-array" if head.lstrip()[:1] == b"[" else "jsonl", compression)
+        if head.lstrip()[:1] == b"[":
+            return Input(path, "json-array", compression)
+        return Input(path, "jsonl" if _first_line_is_json(head) else "json-document", compression)
     return Input(path, "text", compression)
+
+
+def _first_line_is_json(head: bytes) -> bool:
+    line = head.lstrip().split(b"\n", 1)[0]
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- records
@@ -262,6 +273,10 @@ def check_readable(item: Input, text_key: str, decode_errors: str) -> None:
     """The cheap look before the long run: the first record (or the schema) of ``item`` can be read."""
     if item.kind == "binary":
         return
+    if item.kind == "json-document":
+        raise InputError(f"{item.path} is one JSON document spread over lines, neither JSON lines (one record per "
+                         f"line) nor a JSON array of records: megalm reads documents from those; convert it, or "
+                         f"pass --on-error skip to leave it out")
     if item.kind in ("parquet", "arrow", "hf-dataset"):
         for path in _arrow_files(item):
             next(_batches(path, text_key, item.path), None)

@@ -137,6 +137,7 @@ def _bad_folder(tmp_path):
     (folder / "b.json").write_text('{"name": "not a record", "version": 1}')     # one object, no "text" key
     (folder / "c.txt").write_bytes("caf\u00e9".encode("latin-1"))              # not UTF-8
     (folder / "d.jsonl").write_text('{"text": "good line"}\n{"text": broken\n')  # fails part-way
+    (folder / "e.json").write_text('{\n  "name": "package",\n  "version": 2\n}\n')  # pretty-printed object
     return folder
 
 
@@ -158,11 +159,12 @@ def test_on_error_skip_lists_each_bad_file_and_keeps_the_rest(reference, tmp_pat
     folder = _bad_folder(tmp_path)
     stats = pp.preprocess([str(folder)], str(tmp_path / "out"), tokenizer=tokenizer_path(ref_prefix),
                           on_error="skip", show_progress=False)
-    assert stats["inputs"] == {"read": 1, "skipped_unreadable": 2, "failed_partway": 1}
+    assert stats["inputs"] == {"read": 1, "skipped_unreadable": 3, "failed_partway": 1}
     assert stats["documents"] == 2        # a.txt and the good first line of d.jsonl
     fates = {s["path"].rsplit("/", 1)[-1]: s for s in stats["report"]["inputs"]["skipped"]}
     assert "not UTF-8 (byte 0xe9" in fates["c.txt"]["why"] and "--decode-errors replace" in fates["c.txt"]["why"]
     assert fates["d.jsonl"]["fate"] == "failed_partway" and "d.jsonl:2 is not valid JSON" in fates["d.jsonl"]["why"]
+    assert "one JSON document spread over lines" in fates["e.json"]["why"]
 
 
 def test_decode_errors_replace_reads_non_utf8_with_replacement_characters(reference, tmp_path):
