@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -21,7 +22,6 @@ from megalm.data.quality import QualityFilter, first_rejection
 
 NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 LENGTH_REASONS = ("empty", "short", "long")
-DEDUP_REASONS = ("duplicate", "near_duplicate")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class CleaningConfig:
     @property
     def reasons(self) -> list[str]:
         """Every reason a document can be dropped, in the order they are tried."""
-        return [*LENGTH_REASONS, *(f.name for f in self.filters), *DEDUP_REASONS]
+        dedup = ["duplicate"] * self.exact_dedup + ["near_duplicate"] * (self.near_dup is not None)
+        return [*LENGTH_REASONS, *(f.name for f in self.filters), *dedup]
 
 
 @dataclass
@@ -172,8 +173,8 @@ class Decider:
 
     def index_bytes(self) -> int:
         """Memory held by the structures that grow with the corpus (the dedup hash set and the MinHash index)."""
-        per_digest = 16 + 33 + 16     # the bytes object and its slot in the set (CPython, 64-bit)
-        size = len(self.seen) * per_digest
+        # each 16-byte digest is a 49-byte bytes object; the set's table is counted at 1.5x (its resize)
+        size = len(self.seen) * 49 + int(1.5 * sys.getsizeof(self.seen))
         if self.index is not None:
             size += self.index.nbytes()
         return size

@@ -103,8 +103,10 @@ class NearDupIndex:
         return False, best
 
     def nbytes(self) -> int:
-        """Memory held: the signature blocks, the bucket dictionary and its integer keys (CPython, 64-bit)."""
-        return sum(b.nbytes for b in self._blocks) + sys.getsizeof(self._buckets) + 32 * len(self._buckets)
+        """Peak memory of the index: the signature blocks, the bucket dictionary's integer keys, and its hash
+        table at 1.5 times its size (while CPython resizes a dictionary the old and the new table both exist)."""
+        return (sum(b.nbytes for b in self._blocks) + 32 * len(self._buckets)
+                + int(1.5 * sys.getsizeof(self._buckets)))
 
     def _remember(self, sig: np.ndarray, keys: list[int]) -> None:
         doc = self.kept

@@ -1,11 +1,12 @@
 """Reading one input: what it is (by its bytes, not only its name), and the documents in it.
 
 Kinds: ``text`` (any text, Markdown or source file: one document), ``jsonl`` (one JSON object per line),
-``json-array`` (a JSON list of objects or strings), ``json-document`` (one JSON object over many lines: refused), ``parquet``, ``arrow`` (Arrow IPC file or stream) and
-``hf-dataset`` (a Hugging Face ``datasets`` folder written by ``save_to_disk``). Any of the file kinds may be
-compressed with gzip, zstd, xz or bz2; compression is recognised by its magic bytes and the kind by the name with
-the compression suffix taken off (``a.jsonl.gz`` is gzip-compressed JSON lines). A file whose first bytes hold a
-NUL or a known binary signature is ``binary`` and is skipped, never read as text.
+``json-array`` (a JSON list of objects or strings), ``json-document`` (one JSON object over many lines:
+refused), ``parquet``, ``arrow`` (Arrow IPC file or stream) and ``hf-dataset`` (a Hugging Face ``datasets``
+folder written by ``save_to_disk``). Any of the file kinds may be compressed with gzip, zstd, xz or bz2;
+compression is recognised by its magic bytes and the kind by the name with the compression suffix taken off
+(``a.jsonl.gz`` is gzip-compressed JSON lines). A file whose first bytes hold a NUL or a known binary signature
+is ``binary`` and is skipped, never read as text.
 
 Every problem is an ``InputError`` naming the file (and line or row) and the fix.
 """
