@@ -55,11 +55,12 @@ def _finetune(argv) -> int:
                                  "megalm run, or a Hugging Face model converted with megalm convert from-hf).")
     ap.add_argument("--checkpoint", required=True, help="megalm checkpoint (run dir or step folder)")
     ap.add_argument("--config", help="YAML config for data, schedule and layout; the model comes from the checkpoint")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("overrides", nargs="*", help="section.key=value; train.run_dir= names the run directory "
+                    "(default: a new runs/finetune-CHECKPOINT-DATA; a config file's run_dir is not used)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides + [f"checkpoint.load={args.checkpoint}",
-                                                      "checkpoint.load_weights_only=true"])
-    return train(cfg).get("exit_status", 0)
+    from megalm.train.finetune import finetune_overrides
+    return train(load_config(args.config, finetune_overrides(args.checkpoint, args.config,
+                                                             args.overrides))).get("exit_status", 0)
 
 
 def _config(argv) -> int:

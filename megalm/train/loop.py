@@ -26,6 +26,7 @@ from megalm.runtime import Runtime, discover, faults, finish, start
 from megalm.runtime.signals import DesyncError, StopRequest, agree_to_stop, install, over_budget, uninstall
 from megalm.runtime.stragglers import find_straggler, report
 from megalm.train.checkpointing import restore, save
+from megalm.train.finetune import check_tokenizer
 from megalm.train.metrics import MetricsLogger, plot_loss_curve
 from megalm.train.step import evaluate, train_step
 
@@ -56,8 +57,11 @@ def prepare(cfg: Config) -> tuple[Config, Runtime, CheckpointReader | None, bool
     info = discover()
     source, from_load = find_source(cfg)
     reader = CheckpointReader(source, verify=False) if source else None    # verified per rank by restore()
+    data_tokenizer = dataset_tokenizer(tokenizer_prefix(cfg.data))
+    if reader is not None:
+        check_tokenizer(reader, data_tokenizer, tokenizer_prefix(cfg.data))
     cfg = resolve(cfg, info.world_size, checkpoint=(reader.folder, reader.manifest["config"]) if reader else None,
-                  adopt_model=from_load, tokenizer=dataset_tokenizer(tokenizer_prefix(cfg.data)))
+                  adopt_model=from_load, tokenizer=data_tokenizer)
     return cfg, start(cfg, info), reader, from_load
 
 

@@ -1,0 +1,85 @@
+"""``megalm finetune``'s guard rails: a run directory of its own, and the checkpoint's tokenizer (checked for
+every run that starts from or resumes a checkpoint).
+
+A fine-tuning run writes only into a run directory it started: by default a new one named after the checkpoint
+and the data (``runs/finetune-<checkpoint>-<data>``), or one given with ``train.run_dir=`` on the command line
+(a config file's run_dir belongs to pretraining and is not used). A run directory holds ``finetune.json`` naming
+the checkpoint and data it was started with; rerunning the same command resumes it, and any other directory
+that already holds something is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megalm.config import ConfigError
+
+MARKER = "finetune.json"
+
+
+def _checkpoint_name(checkpoint: str) -> str:
+    path = Path(checkpoint).resolve()
+    if path.parent.name == "checkpoints":             # RUN/checkpoints/step_N -> RUN-step_N
+        return f"{path.parent.parent.name}-{path.name}"
+    return path.name
+
+
+def default_run_dir(checkpoint: str, data: str | None) -> str:
+    data_name = Path(data).name if data else "data"
+    return str(Path("runs") / f"finetune-{_checkpoint_name(checkpoint)}-{data_name}")
+
+
+def claim_run_dir(run_dir: str, checkpoint: str, data) -> None:
+    """Make ``run_dir`` this fine-tuning's own, or refuse it when it holds another run."""
+    folder = Path(run_dir)
+    wanted = {"checkpoint": str(Path(checkpoint).resolve()), "data": data}
+    marker = folder / MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != wanted:
+            raise ConfigError(f"train.run_dir={run_dir} is the fine-tuning of {found['checkpoint']} on "
+                              f"{found['data']}, not of {wanted['checkpoint']} on {data}: pass another "
+                              f"train.run_dir, or leave it out for a new one")
+        return
+    if folder.is_dir() and any(p.name != MARKER and not p.name.startswith(f".{MARKER}") for p in folder.iterdir()):
+        raise ConfigError(f"train.run_dir={run_dir} already holds another run; fine-tuning never resumes or writes "
+                          f"into a run it did not start: pass a new train.run_dir, or leave it out for "
+                          f"{default_run_dir(checkpoint, data if isinstance(data, str) else None)}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(wanted, indent=1))
+        os.replace(tmp, marker)
+
+
+def finetune_overrides(checkpoint: str, config: str | None, overrides: list[str]) -> list[str]:
+    """The overrides of a fine-tuning run: its checkpoint, weights only, and its own run directory."""
+    from megalm.config import load_config
+
+    overrides = [*overrides, f"checkpoint.load={checkpoint}", "checkpoint.load_weights_only=true"]
+    cfg = load_config(config, overrides)
+    data = [list(cfg.data.blend)] if cfg.data.blend is not None else cfg.data.prefix
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("train.run_dir=")]
+    run_dir = given[-1] if given else default_run_dir(checkpoint, cfg.data.prefix)
+    claim_run_dir(run_dir, checkpoint, data)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"megalm finetune: weights of {checkpoint}, data {data}, run directory {run_dir}", flush=True)
+    return [*overrides, f"train.run_dir={run_dir}"]
+
+
+def check_tokenizer(reader, data_tokenizer, data_prefix) -> None:
+    """The data must be tokenized with the checkpoint's tokenizer (when the checkpoint carries one)."""
+    from megalm.checkpoint.format import CheckpointError
+    try:
+        mine = reader.tokenizer()
+    except CheckpointError:          # a damaged checkpoint: restore() names it and falls back to an older one
+        return
+    if mine is None or data_tokenizer is None:
+        return
+    same = json.loads(mine.to_str()) == json.loads(data_tokenizer.to_str()) and \
+        mine.special.to_dict() == data_tokenizer.special.to_dict()
+    if not same:
+        raise ConfigError(f"the data at {data_prefix} was tokenized with another tokenizer than {reader.folder}'s "
+                          f"(vocabularies of {data_tokenizer.vocab_size} and {mine.vocab_size} tokens): preprocess "
+                          f"it with --tokenizer {reader.folder}/tokenizer.json")
