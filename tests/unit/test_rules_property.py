@@ -48,7 +48,7 @@ def overrides(c: dict) -> list[str]:
     out = [f"parallel.tp={c['tp']}", f"parallel.pp={c['pp']}", f"parallel.virtual_stages={c['v']}",
            f"model.num_heads={c['heads']}", f"model.num_kv_heads={c['kv']}", f"model.hidden_size={c['hidden']}",
            f"model.ffn_hidden_size={c['ffn']}", f"model.vocab_size={c['vocab']}", f"model.num_layers={c['layers']}",
-           f"model.position=rope", f"parallel.sequence_parallel={str(c['sp']).lower()}", f"data.seq_len={c['seq']}",
+           "model.position=rope", f"parallel.sequence_parallel={str(c['sp']).lower()}", f"data.seq_len={c['seq']}",
            f"model.max_seq_len={c['seq']}", f"train.global_batch_size={c['gbs']}",
            f"train.micro_batch_size={c['mbs']}", "train.device=cpu"]
     return out + ([f"parallel.dp={c['dp']}"] if c["dp"] is not None else [])
@@ -67,7 +67,8 @@ def layouts(draw):
     micro = draw(st.integers(1, 8))
     return {"tp": tp, "pp": pp, "v": draw(st.sampled_from([1, 1, 2, 3])), "heads": heads, "kv": kv,
             "hidden": heads * head_dim + draw(st.sampled_from([0, 0, 0, 1])),
-            "ffn": draw(st.sampled_from([256, 384, 1000, 1536, 11008])), "vocab": draw(st.sampled_from([512, 1000, 32768])),
+            "ffn": draw(st.sampled_from([256, 384, 1000, 1536, 11008])),
+            "vocab": draw(st.sampled_from([512, 1000, 32768])),
             "layers": layers, "sp": draw(st.booleans()), "seq": draw(st.sampled_from([64, 96, 100, 128])),
             "world": world, "dp": draw(st.sampled_from([None, None, dp, dp + 1])), "mbs": micro,
             "gbs": micro * dp * draw(st.sampled_from([1, 2, 3, 4, 8, 16])) + draw(st.sampled_from([0, 0, 0, 1]))}
