@@ -146,19 +146,29 @@ def _hf_tensor_files(src: Path) -> list[Path]:
     return files
 
 
-def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
+def _open_safetensors(path: Path):
     from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:                # safetensors raises its own error type for a damaged header
+        raise ConvertError(f"{path} is not a readable safetensors file ({e})") from None
 
+
+def convert_from_hf(src, dst, tp=1, pp=1, vs=1) -> dict:
     from megalm.checkpoint.hf import from_hf, model_config_from_hf
 
     src = Path(src)
     if not (src / "config.json").exists():
         raise ConvertError(f"{src}/config.json is missing: not a Hugging Face model folder")
-    model = model_config_from_hf(json.loads((src / "config.json").read_text()))
+    try:
+        hf_config = json.loads((src / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{src}/config.json is not valid JSON ({e}): not a Hugging Face model config") from None
+    model = model_config_from_hf(hf_config)
     cfg = Config(model=model)
     files = _hf_tensor_files(src)
     # Plan from the headers: run the name mapping over meta tensors of the stored dtypes and shapes.
-    handles = {f: safe_open(str(f), framework="pt") for f in files}
+    handles = {f: _open_safetensors(f) for f in files}
     tensors, where, stored_as_is = {}, {}, {}
     for f, h in handles.items():
         offsets = safetensors_offsets(f)

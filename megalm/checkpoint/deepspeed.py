@@ -50,7 +50,18 @@ def _load(path: Path) -> dict:
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:   # noqa: BLE001 - re-raised with the file named
-            raise DeepSpeedCheckpointError(f"{path} cannot be read safely (weights_only): {e}") from e
+            lines = str(e).splitlines() or [type(e).__name__]
+            detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+            raise DeepSpeedCheckpointError(f"{path} cannot be read safely: torch.load(weights_only=True) refused it "
+                                           f"({detail}); megalm never unpickles other objects") from None
+
+
+def _field(state, key: str, path: Path):
+    if not isinstance(state, dict) or key not in state:
+        found = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise DeepSpeedCheckpointError(f"{path} has no {key!r} (found {found}): not a DeepSpeed ZeRO checkpoint "
+                                       f"file of a version this converter reads")
+    return state[key]
 
 
 def _as_int(value):
@@ -111,9 +122,9 @@ class _Ranks:
     """The memory-mapped flat groups (fp32 weights and moments) of every data-parallel rank."""
 
     def __init__(self, files: list[Path]):
-        self.states = [_load(f)["optimizer_state_dict"] for f in files]
+        self.states = [_field(_load(f), "optimizer_state_dict", f) for f in files]
         first = self.states[0]
-        self.stage = int(first["zero_stage"])
+        self.stage = int(_field(first, "zero_stage", files[0]))
         key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
         base = "optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"
         self.flat = [s[key] for s in self.states]

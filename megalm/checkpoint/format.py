@@ -132,13 +132,24 @@ def latest_checkpoint(path, notes: list | None = None) -> Path | None:
         return committed[0] if committed else None
     root = committed[0].parent
     pointer = root / LATEST
-    named = pointer.read_text().strip() if pointer.exists() else ""
+    named = _read_pointer(pointer)
     if named and (root / named / COMMITTED).exists():
         return root / named
     if notes is not None:
         why = "missing" if not pointer.exists() else "empty" if not named else f"names {named}, which is not committed"
         notes.append(f"{pointer} is {why}; using the newest committed checkpoint, {committed[0].name}")
     return committed[0]
+
+
+def _read_pointer(pointer: Path) -> str:
+    """The folder name in the ``latest`` pointer; '' when it is missing, empty or not a plain folder name."""
+    if not pointer.exists():
+        return ""
+    try:
+        named = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return ""
+    return named if named and "/" not in named and "\0" not in named and len(named) < 256 else ""
 
 
 def read_manifest(ckpt: Path, verify: bool = True) -> dict:
@@ -149,9 +160,12 @@ def read_manifest(ckpt: Path, verify: bool = True) -> dict:
     if not (ckpt / COMMITTED).exists():
         raise CheckpointError(f"{ckpt} has no {COMMITTED} marker: the save did not finish; load an earlier step")
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt / MANIFEST} is not valid JSON ({e})") from e
+        manifest = json.loads((ckpt / MANIFEST).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / MANIFEST} is not valid JSON ({e}): the checkpoint is damaged; load an "
+                              f"earlier one (megalm checkpoint list shows them)") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{ckpt / MANIFEST} holds a JSON {type(manifest).__name__}, not a megalm manifest")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{ckpt / MANIFEST}: format {manifest.get('format')!r} version "
                               f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")

@@ -70,7 +70,11 @@ class CheckpointReader:
 
     def _open(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt")
+            try:
+                self._handles[file] = safe_open(str(self.folder / file), framework="pt")
+            except Exception as e:       # safetensors raises its own error type for a damaged header
+                raise CheckpointError(f"{self.folder / file} is not a readable safetensors file ({e}); load an "
+                                      f"earlier checkpoint") from None
         return self._handles[file]
 
     def has(self, name: str) -> bool:
