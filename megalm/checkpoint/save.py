@@ -13,6 +13,7 @@ import socket
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megalm.checkpoint.format import COMMITTED, CheckpointError, checkpoints_root, commit, step_dir_name
@@ -91,8 +92,13 @@ def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=No
     if status:
         raise CheckpointError(status)
     start = time.perf_counter()
+    bad = next((name for name, t, _ in owned if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     try:
-        written = write_pieces(tmp, rank, owned)
+        if bad is not None:       # never commit a checkpoint holding NaN or inf
+            written = {"error": f"refusing to save the checkpoint of step {step}: {bad} holds NaN or inf on rank "
+                                f"{rank} ({socket.gethostname()}); the previous checkpoint stays the latest"}
+        else:
+            written = write_pieces(tmp, rank, owned)
     except OSError as e:
         written = {"error": _failure(step, tmp / f"shard-{rank:05d}.safetensors", e, needed)}
     reports = _gather_to_rank0(written)

@@ -29,6 +29,7 @@ CHOICES = {
     ("optimizer", "name"): ("adamw", "sgd"),
     ("lr", "decay"): ("cosine", "linear", "constant"),
     ("checkpoint", "on_error"): ("stop", "continue"),
+    ("train", "on_non_finite"): ("stop", "skip", "rollback"),
     **{("kernels", op): KERNEL_CHOICES for op in ("attention", "norm", "rope", "swiglu", "cross_entropy")},
 }
 
@@ -71,6 +72,8 @@ RANGES = {
     "train.log_interval": (1, True, None, False),
     "train.grad_clip": (0.0, True, None, False),
     "train.loss_scale_window": (1, True, None, False),
+    "train.loss_spike_factor": (0.0, True, None, False),
+    "train.loss_spike_window": (2, True, None, False),
     "train.stop_at_step": (1, True, None, False),
     "train.time_limit": (0.0, False, None, False),
     "train.time_limit_margin": (0.0, True, None, False),
@@ -288,6 +291,10 @@ def check_engine(cfg: Config) -> None:
         raise ConfigError(f"kernels.cross_entropy=triton fuses the whole-vocabulary head and loss, which needs "
                           f"parallel.tp=1 (got {p.tp}); at tp > 1 the vocabulary-parallel loss runs. Use "
                           f"kernels.cross_entropy=auto or torch")
+    if cfg.train.on_non_finite != "stop" and cfg.uses_deepspeed:
+        raise ConfigError(f"train.on_non_finite={cfg.train.on_non_finite} needs megalm's native engine (DeepSpeed "
+                          f"keeps reduced gradients inside its optimizer, which megalm cannot drop); use "
+                          f"train.on_non_finite=stop, or parallel.engine=native with zero_stage=0")
     if p.zero_offload and p.zero_stage < 2:
         raise ConfigError(f"parallel.zero_offload needs parallel.zero_stage 2 or 3 (got {p.zero_stage})")
     if cfg.checkpoint.deepspeed_native and not (cfg.uses_deepspeed and p.pp == 1):

@@ -199,6 +199,16 @@ class TrainConfig(_Freezable):
     time_limit_margin: float = 60.0
     """Seconds kept free at the end of train.time_limit for the last step and the save (at least twice the
     slowest step plus the last save's duration, whichever is more)."""
+    on_non_finite: str = "stop"
+    """A NaN or infinite loss on any rank: stop (before the optimizer step, the last checkpoint intact), skip
+    (every rank drops the step's gradients and takes no optimizer step; counted and logged) or rollback (reload
+    the latest checkpoint and skip the data from it up to the bad step, as PaLM did). skip and rollback need the
+    native engine."""
+    loss_spike_factor: float = 3.0
+    """Flag a step whose loss exceeds this multiple of the median of the last train.loss_spike_window steps (in
+    the log and metrics.jsonl as loss_spike); 0: never."""
+    loss_spike_window: int = 50
+    """Steps of the window train.loss_spike_factor compares against (flags start once it is full)."""
 
 
 @dataclass

@@ -43,6 +43,10 @@ class Engine(ABC):
         """Tied-embedding sum, data-parallel reduction, clipping, update, zeroing. Returns the global gradient norm
         before clipping (inf for an fp16 step skipped on overflow)."""
 
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients without an optimizer step (train.on_non_finite=skip)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop a step's gradients")
+
     @abstractmethod
     def state_tensors(self, with_optimizer: bool = True) -> Iterator[StateTensor]:
         """fp32 weights and optimizer state under layout-free names. Collective under ZeRO: every rank runs it to

@@ -85,6 +85,9 @@ class NativeEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     # ---- checkpoint seam: (global name, local tensor, shard spec) triples ----
     def state_tensors(self, with_optimizer: bool = True):
         """Model weights and, per weight, its optimizer state, under layout-free names."""

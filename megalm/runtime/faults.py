@@ -7,9 +7,10 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
     MEGALM_FAULTS="delay:rank=1,seconds=0.2"        # a straggler: sleep 0.2 s at the start of every step
     MEGALM_FAULTS="skip_collective:rank=1,step=4"   # rank 1 skips the stop agreement after step 4
     MEGALM_FAULTS="hang:rank=0,step=2"              # rank 0 stops making progress but keeps its heartbeat
+    MEGALM_FAULTS="nan:rank=1,step=3"               # rank 1's loss of step 3 is NaN (and so its gradients)
 
 ``rank`` defaults to every rank and ``step`` to every step. The points where a fault can strike are named
-(``step_start``, ``stop_agreement``); each action belongs to one point. Unknown actions or keys are an error
+(``step_start``, ``stop_agreement``, ``loss``); each action belongs to one point. Unknown actions or keys are an error
 naming them, so a typo never rehearses nothing.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 ACTIONS = {"kill": "step_start", "stop": "step_start", "delay": "step_start", "hang": "step_start",
-           "skip_collective": "stop_agreement"}
+           "skip_collective": "stop_agreement", "nan": "loss"}
 KEYS = {"rank", "step", "seconds"}
 
 
@@ -56,7 +57,7 @@ _planned: tuple[Fault, ...] | None = None          # read from the environment a
 
 def strike(point: str, rank: int, step: int) -> bool:
     """Carry out the faults planned for this point; returns True when the caller should skip what it was about to
-    do (skip_collective). One test of an empty tuple when nothing is planned."""
+    do (skip_collective) or poison it (nan). One test of an empty tuple when nothing is planned."""
     global _planned
     if _planned is None:
         _planned = parse(os.environ.get("MEGALM_FAULTS"))
@@ -75,6 +76,6 @@ def strike(point: str, rank: int, step: int) -> bool:
         elif fault.action == "hang":
             while True:
                 time.sleep(3600)
-        elif fault.action == "skip_collective":
+        elif fault.action in ("skip_collective", "nan"):
             skip = True
     return skip

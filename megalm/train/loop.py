@@ -2,9 +2,11 @@
 metrics, evaluation and checkpoints. Rerunning on the same run directory resumes exactly where it stopped."""
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from megalm.runtime.stragglers import find_straggler, report
 from megalm.train.checkpointing import restore, save
 from megalm.train.finetune import check_tokenizer
 from megalm.train.metrics import MetricsLogger, plot_loss_curve
-from megalm.train.step import evaluate, train_step
+from megalm.train.step import NonFiniteLoss, evaluate, train_step
 
 
 def find_source(cfg: Config) -> tuple[Path | None, bool]:
@@ -128,7 +130,8 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     request = StopRequest()
     handlers = install(request, rt.info.rank)
     try:
-        stopped = _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint)
+        stopped = _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint,
+                         lambda bad_step: _roll_back(cfg, engine, sampler, log, progress, bad_step, say))
     finally:
         uninstall(handlers)
     step = progress["step"]
@@ -156,7 +159,7 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     return result
 
 
-def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint) -> bool:
+def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint, roll_back) -> bool:
     """Train from ``progress["step"]`` to train.stop_at_step (or train.steps), keeping ``progress`` current;
     returns whether the run stopped on request. At every step boundary the ranks agree whether a signal or the
     time budget asks them to stop."""
@@ -165,6 +168,7 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
     last = min(t.steps, t.stop_at_step or t.steps)
     slowest = save_seconds = busy = 0.0
     window_start, clock, suspects = step + 1, {}, []
+    recent = collections.deque(maxlen=t.loss_spike_window)
     while step < last:
         torch.manual_seed(t.seed + step)     # dropout masks depend on (seed, step) only: exact resume
         begin = time.perf_counter()
@@ -175,8 +179,17 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
         lr = lr_at(step, cfg)
         if comm is not None:
             comm.reset()
-        loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1, clock)
+        poison = faults.strike("loss", rt.info.rank, step + 1)
+        try:
+            loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1, clock,
+                                    "skip" if t.on_non_finite == "skip" else "stop", poison)
+        except NonFiniteLoss as error:
+            if t.on_non_finite != "rollback":
+                raise
+            step = roll_back(error.step)             # every rank: the same checkpoint, the same new position
+            continue
         step = progress["step"] = step + 1
+        _watch_loss(log, step, loss, norm, recent, t.loss_spike_factor, progress)
         seconds = time.perf_counter() - begin
         slowest, busy = max(slowest, seconds), busy + clock["schedule_done"] - begin
         if step % t.log_interval == 0 or step == last:
@@ -202,6 +215,41 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
         if step < last and agree_to_stop(request, rt.device, step):
             return True
     return False
+
+
+def _watch_loss(log, step: int, loss: float, norm: float, recent, factor: float, progress: dict) -> None:
+    """Say a skipped step (train.on_non_finite=skip) and flag a loss spike against the recent median."""
+    if not math.isfinite(loss):
+        progress["skipped_steps"] = progress.get("skipped_steps", 0) + 1
+        log.log({"step": step, "skipped_non_finite": True})
+        log.say(f"step {step}: non-finite loss {loss} on some rank; every rank dropped its gradients and took no "
+                f"optimizer step (train.on_non_finite=skip; {progress['skipped_steps']} skipped so far)")
+        return
+    if factor and len(recent) == recent.maxlen:
+        median = statistics.median(recent)
+        if median > 0 and loss > factor * median:
+            log.log({"step": step, "loss_spike": loss / median})
+            log.say(f"step {step}: loss spike: {loss:.4f} is {loss / median:.2f}x the median of the last "
+                    f"{len(recent)} steps ({median:.4f}; train.loss_spike_factor={factor:g})")
+    recent.append(loss)
+
+
+def _roll_back(cfg: Config, engine, sampler, log, progress: dict, bad_step: int, say) -> int:
+    """train.on_non_finite=rollback: reload the latest checkpoint and skip the data from it up to ``bad_step``
+    (that data is not trained on); returns the step to continue after."""
+    source = latest_checkpoint(cfg.train.run_dir)
+    rolled = progress.setdefault("rollbacks", 0)
+    if source is None or rolled >= 3:
+        why = "no checkpoint to roll back to" if source is None else "3 rollbacks already"
+        raise NonFiniteLoss(f"non-finite loss at step {bad_step} and {why} (train.on_non_finite=rollback): "
+                            f"stopping before the optimizer step", bad_step)
+    back_to, consumed, _ = restore(engine, CheckpointReader(source, verify=False), False, say)
+    sampler.load_state_dict({"consumed_samples": consumed + (bad_step - back_to) * cfg.train.global_batch_size})
+    progress["rollbacks"], progress["step"] = rolled + 1, bad_step
+    log.log({"step": bad_step, "rolled_back_to": back_to})
+    say(f"step {bad_step}: non-finite loss; rolled back to the checkpoint of step {back_to} and skipped the data "
+        f"of steps {back_to + 1}-{bad_step} (train.on_non_finite=rollback)")
+    return bad_step
 
 
 def _check_stragglers(cfg, rt, log, busy: float, first_step: int, last_step: int, suspects: list) -> bool:

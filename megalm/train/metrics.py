@@ -32,6 +32,11 @@ class MetricsLogger:
             except ImportError:  # tensorboard not installed: jsonl and the plot still carry everything
                 self.writer = None
 
+    def say(self, line: str) -> None:
+        """A line on the logging rank's console."""
+        if self.enabled:
+            print(line, flush=True)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return

@@ -14,8 +14,12 @@ from megalm.parallel.topology import Topology
 class NonFiniteLoss(RuntimeError):
     """The loss was NaN or infinite: the run stops before the optimizer step."""
 
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
-def _callbacks(engine, p2p, micro_batches):
+
+def _callbacks(engine, p2p, micro_batches, poison: bool = False):
     m = len(micro_batches)
 
     def forward_step(chunk, i, x):
@@ -23,6 +27,8 @@ def _callbacks(engine, p2p, micro_batches):
         inputs = tokens[:, :-1] if p2p.is_first(chunk) else x
         targets = tokens[:, 1:] if p2p.is_last(chunk) else None
         out = engine.forward(chunk, inputs, targets)
+        if poison and p2p.is_last(chunk):            # MEGALM_FAULTS nan: a planted NaN
+            out = out * float("nan")
         return out / m if p2p.is_last(chunk) else out
 
     def backward_step(chunk, i, x, out, out_grad):
@@ -44,18 +50,22 @@ def global_mean(value: float, topo: Topology, device) -> float:
 
 
 def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int,
-               clock: dict | None = None):
-    """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm).
-    ``clock``: receives ``schedule_done`` (perf_counter), the end of this rank's own work before the first
-    data-parallel collective."""
-    fwd, bwd = _callbacks(engine, p2p, micro_batches)
+               clock: dict | None = None, on_non_finite: str = "stop", poison: bool = False):
+    """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm);
+    a non-finite loss (agreed over all ranks) raises NonFiniteLoss, or under ``on_non_finite="skip"`` drops the
+    gradients and returns (loss, nan) with no optimizer step. ``clock``: receives ``schedule_done``
+    (perf_counter), the end of this rank's own work before the first data-parallel collective."""
+    fwd, bwd = _callbacks(engine, p2p, micro_batches, poison)
     losses = SCHEDULES[schedule](p2p, len(micro_batches), len(engine.chunks), fwd, bwd)
     if clock is not None:
         clock["schedule_done"] = time.perf_counter()
     local = float(sum(loss.double() for loss in losses)) if losses else 0.0
     loss = global_mean(local, topo, p2p.device)
     if not math.isfinite(loss):
-        raise NonFiniteLoss(_non_finite_message(loss, step, losses, topo, engine.cfg.train.precision))
+        if on_non_finite == "skip":
+            engine.discard_gradients()
+            return loss, float("nan")
+        raise NonFiniteLoss(_non_finite_message(loss, step, losses, topo, engine.cfg.train.precision), step)
     return loss, engine.step(lr)
 
 

@@ -1,0 +1,103 @@
+"""A planted NaN (MEGALM_FAULTS nan): skip drops the step on every rank, rollback reloads the latest checkpoint
+and skips the data up to the bad step, and no checkpoint holding NaN is ever committed; loss spikes are flagged."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megalm.checkpoint.format import CheckpointError, latest_checkpoint
+from megalm.checkpoint.load import CheckpointReader
+from megalm.config import ConfigError, load_config
+from megalm.runtime import faults
+from megalm.train.loop import train
+from megalm.train.metrics import read_metrics
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture
+def plant(monkeypatch):
+    def plant_fault(text):
+        monkeypatch.setenv("MEGALM_FAULTS", text)
+        monkeypatch.setattr(faults, "_planned", None)
+    yield plant_fault
+    faults._planned = None
+
+
+def _run(corpus, run_dir, **extra):
+    return train(load_config(None, tiny_overrides(corpus, run_dir, **{"train.steps": 4, **extra})))
+
+
+def _weights(folder):
+    reader = CheckpointReader(folder)
+    return {n: reader.read(n) for n in reader.manifest["tensors"] if n.startswith("model.")}
+
+
+def test_skip_leaves_the_weights_of_a_run_that_never_took_the_step(tiny_corpus, tmp_path, plant, capsys):
+    plant("nan:step=3")
+    _run(tiny_corpus, tmp_path / "skip", **{"train.on_non_finite": "skip", "train.stop_at_step": 3})
+    assert "non-finite loss nan on some rank; every rank dropped its gradients" in capsys.readouterr().out
+    plant("")
+    _run(tiny_corpus, tmp_path / "ref", **{"train.stop_at_step": 2})
+    skipped, ref = latest_checkpoint(tmp_path / "skip"), latest_checkpoint(tmp_path / "ref")
+    assert skipped.name == "step_0000003" and ref.name == "step_0000002"
+    a, b = _weights(skipped), _weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert CheckpointReader(skipped).manifest["optimizer"]["step"] == 2        # no optimizer step was taken
+    assert [r["step"] for r in read_metrics(tmp_path / "skip") if r.get("skipped_non_finite")] == [3]
+
+
+def test_rollback_reloads_the_checkpoint_and_skips_the_data_up_to_the_bad_step(tiny_corpus, tmp_path, plant,
+                                                                                capsys):
+    plant("nan:step=4")
+    run = tmp_path / "rollback"
+    extra = {"train.steps": 6, "checkpoint.interval": 2, "train.on_non_finite": "rollback", "checkpoint.keep": 5}
+    _run(tiny_corpus, run, **extra, **{"train.stop_at_step": 4})
+    out = capsys.readouterr().out
+    assert "rolled back to the checkpoint of step 2 and skipped the data of steps 3-4" in out
+    step4, step2 = run / "checkpoints" / "step_0000004", run / "checkpoints" / "step_0000002"
+    a, b = _weights(step4), _weights(step2)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert CheckpointReader(step4).manifest["data"]["consumed_samples"] == 4 * 4      # past the skipped data
+    plant("")
+    _run(tiny_corpus, run, **extra)                                   # resumes and finishes
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3, 5, 6]
+    assert [r["rolled_back_to"] for r in read_metrics(run) if "rolled_back_to" in r] == [2]
+
+
+def test_rollback_without_a_checkpoint_stops(tiny_corpus, tmp_path, plant):
+    plant("nan:step=2")
+    with pytest.raises(RuntimeError, match="no checkpoint to roll back to"):
+        _run(tiny_corpus, tmp_path / "r", **{"train.on_non_finite": "rollback"})
+
+
+def test_no_checkpoint_holding_nan_is_committed(tiny_corpus, tmp_path):
+    from megalm.checkpoint.manifest import new_manifest
+    from megalm.checkpoint.save import save_checkpoint
+    from megalm.parallel.shard import ShardSpec
+    good = tmp_path / "run"
+    _run(tiny_corpus, good, **{"train.steps": 2})
+    before = latest_checkpoint(good)
+    manifest = new_manifest(3, {}, {}, None, 0, "adamw", 3, False)
+    spec = ShardSpec(None)
+    with pytest.raises(CheckpointError, match=r"model.w holds NaN or inf on rank 0.*previous checkpoint stays"):
+        save_checkpoint(good, 3, [("model.w", torch.tensor([1.0, float("nan")]), spec)], manifest)
+    assert latest_checkpoint(good) == before
+
+
+def test_skip_and_rollback_need_the_native_engine():
+    with pytest.raises(ConfigError, match="needs megalm's native engine"):
+        from megalm.config.rules import validate
+        validate(load_config(None, ["train.on_non_finite=skip", "parallel.zero_stage=1"]), 1, cuda=False)
+
+
+def test_a_loss_spike_is_flagged(tiny_corpus, tmp_path, capsys):
+    # a factor below 1 flags every step whose loss is above a fraction of the median: the mechanism, made visible
+    run = tmp_path / "spike"
+    _run(tiny_corpus, run, **{"train.steps": 6, "train.loss_spike_factor": 0.5, "train.loss_spike_window": 2})
+    flagged = [r for r in read_metrics(run) if "loss_spike" in r]
+    assert [r["step"] for r in flagged] == [3, 4, 5, 6] and all(r["loss_spike"] > 0.5 for r in flagged)
+    assert "loss spike:" in capsys.readouterr().out
+    quiet = tmp_path / "quiet"
+    _run(tiny_corpus, quiet, **{"train.steps": 6})                     # the default factor 3: no flags
+    assert not [r for r in read_metrics(quiet) if "loss_spike" in r]
