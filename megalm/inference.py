@@ -6,7 +6,7 @@ import sys
 import torch
 
 from megalm.checkpoint.format import CheckpointError, latest_checkpoint
-from megalm.checkpoint.load import CheckpointReader, newest_intact
+from megalm.checkpoint.load import CheckpointReader, newest_intact, open_readable
 from megalm.config import Config, resolve
 from megalm.engine import ForwardEngine
 from megalm.parallel.parallelize import build_chunks
@@ -22,7 +22,8 @@ def checkpoint_config(path, overrides: list[str] | None = None) -> tuple[Config,
         print(f"checkpoint: {note}", file=sys.stderr, flush=True)
     if folder is None:
         raise CheckpointError(f"no committed checkpoint under {path}; train first or pass a checkpoint folder")
-    reader = CheckpointReader(folder, verify=False)     # load_model verifies what each rank reads
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if discover().rank == 0 else (lambda line: None)
+    reader = open_readable(folder, say)                # load_model verifies what each rank reads
     saved = reader.manifest["config"]
     train = {**saved["train"], "precision": "fp32" if saved["train"]["precision"] == "fp16"
              else saved["train"]["precision"]}

@@ -95,13 +95,17 @@ def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = No
     """Finish a checkpoint written aside in ``tmp``: manifest, rename into place, COMMITTED, then (when given)
     the ``latest`` pointer of ``latest_root``. Each step is atomic, so a crash leaves either the previous state
     or a folder that is not loaded (no COMMITTED)."""
-    write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    text = json.dumps(manifest, indent=1)
+    write_text_atomic(tmp / MANIFEST, text)
     fsync_path(tmp)               # the shards' and the manifest's directory entries
     if final.exists():            # only an uncommitted leftover of the same step (callers refuse the rest)
         shutil.rmtree(final)
     tmp.rename(final)
     fsync_path(final.parent)      # the rename itself survives a power loss
-    write_text_atomic(final / COMMITTED, f"{time.time():.0f}\n")
+    # The marker carries the manifest's sha256: a flipped byte in the manifest (which lists every other file's
+    # sha256) is caught too.
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    write_text_atomic(final / COMMITTED, f"{time.time():.0f}\nmanifest-sha256 {digest}\n")
     if latest_root is not None:
         write_text_atomic(latest_root / LATEST, final.name + "\n")
     return final
@@ -152,6 +156,21 @@ def _read_pointer(pointer: Path) -> str:
     return named if named and "/" not in named and "\0" not in named and len(named) < 256 else ""
 
 
+def _check_manifest_digest(ckpt: Path, raw: bytes) -> None:
+    """The manifest against the sha256 its COMMITTED marker records (markers older than that record none)."""
+    lines = (ckpt / COMMITTED).read_bytes().split(b"\n")
+    recorded = [line for line in lines[1:] if line.strip()]
+    if not recorded:
+        return
+    parts = recorded[0].split()
+    if len(parts) != 2 or parts[0] != b"manifest-sha256":
+        raise CheckpointError(f"{ckpt / COMMITTED} is damaged (its second line is not 'manifest-sha256 HEX'); load "
+                              f"an earlier checkpoint")
+    if hashlib.sha256(raw).hexdigest().encode() != parts[1]:
+        raise CheckpointError(f"{ckpt / MANIFEST} does not match the sha256 in {COMMITTED}: the file is corrupt or "
+                              f"truncated; load an earlier checkpoint")
+
+
 def read_manifest(ckpt: Path, verify: bool = True) -> dict:
     """Read and check a manifest: format, commit marker, every file present with its recorded sha256."""
     ckpt = Path(ckpt)
@@ -159,8 +178,10 @@ def read_manifest(ckpt: Path, verify: bool = True) -> dict:
         raise CheckpointError(f"{ckpt} has no {MANIFEST}: not a megalm checkpoint")
     if not (ckpt / COMMITTED).exists():
         raise CheckpointError(f"{ckpt} has no {COMMITTED} marker: the save did not finish; load an earlier step")
+    raw = (ckpt / MANIFEST).read_bytes()
+    _check_manifest_digest(ckpt, raw)
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_bytes().decode("utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt / MANIFEST} is not valid JSON ({e}): the checkpoint is damaged; load an "
                               f"earlier one (megalm checkpoint list shows them)") from None

@@ -164,6 +164,27 @@ def verify_collectively(reader: CheckpointReader) -> None:
         raise CheckpointError(damaged_message(reader.folder / names[bad - 1]))
 
 
+def open_readable(folder, say=print) -> CheckpointReader:
+    """A reader of ``folder`` (files not yet verified); when its manifest cannot be read (damaged, or a file it
+    lists is missing), of the newest older committed checkpoint beside it that can, each one passed over named
+    with the reason (``say``: rank 0's printer)."""
+    folder = Path(folder)
+    candidates = [folder] + [f for f in committed_checkpoints(folder.parent) if f.name < folder.name]
+    first_error = None
+    for candidate in candidates:
+        try:
+            reader = CheckpointReader(candidate, verify=False)
+        except CheckpointError as error:
+            first_error = first_error or error
+            say(f"checkpoint: {candidate} cannot be read ({error}); trying the one before it")
+            continue
+        if candidate != folder:
+            say(f"checkpoint: falling back to {candidate} (step {reader.manifest['step']})")
+        return reader
+    raise CheckpointError(f"{first_error}; and no older committed checkpoint beside it can be read either: start "
+                          f"again with a new train.run_dir")
+
+
 def newest_intact(reader: CheckpointReader, say=print) -> CheckpointReader:
     """Collective. ``reader``'s checkpoint when its files verify, else the newest older committed checkpoint of the
     same folder that does, each one passed over named with the reason (``say``: rank 0's printer)."""

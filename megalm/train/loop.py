@@ -15,7 +15,7 @@ import torch
 
 from megalm.bench.harness import device_peak_flops
 from megalm.checkpoint.format import CheckpointError, checkpoints_root, latest_checkpoint
-from megalm.checkpoint.load import CheckpointReader
+from megalm.checkpoint.load import CheckpointReader, open_readable
 from megalm.config import Config, ConfigError, resolve
 from megalm.data.blend import BlendedDataset, check_resumed_blend, open_split, tokenizer_prefix
 from megalm.data.dataset import BatchSampler, eval_batches
@@ -58,7 +58,8 @@ def prepare(cfg: Config) -> tuple[Config, Runtime, CheckpointReader | None, bool
     """Resolve the config (before any process group), then bring the runtime up."""
     info = discover()
     source, from_load = find_source(cfg)
-    reader = CheckpointReader(source, verify=False) if source else None    # verified per rank by restore()
+    say = print if info.rank == 0 else (lambda line: None)
+    reader = open_readable(source, say) if source else None    # its files are verified per rank by restore()
     data_tokenizer = dataset_tokenizer(tokenizer_prefix(cfg.data))
     if reader is not None:
         check_tokenizer(reader, data_tokenizer, tokenizer_prefix(cfg.data))

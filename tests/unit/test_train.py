@@ -265,4 +265,5 @@ def test_a_checkpoint_that_predates_new_model_keys_resumes(tiny_corpus, tmp_path
                 "rope_high_freq_factor", "rope_original_max_seq_len"):
         del manifest["config"]["model"][key]
     manifest_file.write_text(json.dumps(manifest))
+    (manifest_file.parent / "COMMITTED").write_text("1700000000\n")    # markers of that time record no digest
     assert run(tiny_corpus, tmp_path, **{"train.steps": 3})["step"] == 3
