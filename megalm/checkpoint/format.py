@@ -91,23 +91,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = None) -> Path:
-    """Finish a checkpoint written aside in ``tmp``: manifest, rename into place, COMMITTED, then (when given)
-    the ``latest`` pointer of ``latest_root``. Each step is atomic, so a crash leaves either the previous state
-    or a folder that is not loaded (no COMMITTED)."""
+def commit(tmp: Path, final: Path, manifest: dict, latest_root: Path | None = None, strike=None) -> Path:
+    """Finish a checkpoint written aside in ``tmp``: manifest, rename into place, then (when given) the ``latest``
+    pointer of ``latest_root``, then COMMITTED. Each step is atomic, so a crash leaves either the previous state
+    or a folder that is not loaded (no COMMITTED; a pointer naming it gives way to the newest committed one), and
+    the newest committed checkpoint is always the one the pointer names. ``strike(point)``: fault injection."""
+    strike = strike or (lambda point: None)
     text = json.dumps(manifest, indent=1)
     write_text_atomic(tmp / MANIFEST, text)
     fsync_path(tmp)               # the shards' and the manifest's directory entries
-    if final.exists():            # only an uncommitted leftover of the same step (callers refuse the rest)
+    strike("save_rename")
+    if final.exists():            # a leftover of the same step, committed or not (callers refuse the rest)
         shutil.rmtree(final)
     tmp.rename(final)
     fsync_path(final.parent)      # the rename itself survives a power loss
+    strike("save_pointer")
+    if latest_root is not None:
+        write_text_atomic(latest_root / LATEST, final.name + "\n")
+    strike("save_marker")
     # The marker carries the manifest's sha256: a flipped byte in the manifest (which lists every other file's
     # sha256) is caught too.
     digest = hashlib.sha256(text.encode()).hexdigest()
     write_text_atomic(final / COMMITTED, f"{time.time():.0f}\nmanifest-sha256 {digest}\n")
-    if latest_root is not None:
-        write_text_atomic(latest_root / LATEST, final.name + "\n")
     return final
 
 

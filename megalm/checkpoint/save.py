@@ -54,9 +54,10 @@ def _failure(step: int, path: Path, error: OSError, needed: int) -> str:
             f"stays the latest")
 
 
-def write_pieces(folder: Path, index: int, owned) -> dict:
+def write_pieces(folder: Path, index: int, owned, strike=None) -> dict:
     """Write (name, local tensor, ShardSpec) triples into ``shard-{index:05d}.safetensors``; return the file's
-    sha256 and the manifest entries of its pieces."""
+    sha256 and the manifest entries of its pieces. ``strike(point, piece)``: fault injection."""
+    strike = strike or (lambda point, piece=None: None)
     file_name = f"shard-{index:05d}.safetensors"
     owned = [(name, tensor.detach(), spec) for name, tensor, spec in owned]
     entries = {name: {"shape": list(spec.global_shape(tuple(t.shape))), "dtype": str(t.dtype).replace("torch.", ""),
@@ -64,17 +65,23 @@ def write_pieces(folder: Path, index: int, owned) -> dict:
     if not owned:
         return {"file": None, "entries": entries, "sha256": None}
     out = PlannedSafetensorsFile(folder / file_name, [(name, t.dtype, tuple(t.shape)) for name, t, _ in owned])
-    for name, tensor, _ in owned:
+    for piece, (name, tensor, _) in enumerate(owned):
+        strike("save_piece", piece)
         out.write(name, tensor)
     digest = out.close()
+    strike("save_hashed")
     out.wait_durable()                                 # on disk before the commit renames the folder
+    strike("save_durable")
     return {"file": file_name, "entries": entries, "sha256": digest}
 
 
-def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2) -> Path:
+def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2,
+                    strike=None) -> Path:
     """Collective: every rank calls it with the tensors it owns; rank 0's ``manifest`` (``new_manifest``) is
     completed with every rank's pieces and committed. A write that fails on any rank (disk full, no permission)
-    abandons the save on every rank with the same ``CheckpointError``; the previous checkpoint stays the latest."""
+    abandons the save on every rank with the same ``CheckpointError``; the previous checkpoint stays the latest.
+    ``strike(point, piece=None)``: fault injection at the named points of the save (``megalm.runtime.faults``)."""
+    strike = strike or (lambda point, piece=None: None)
     rank = _rank()
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
@@ -91,6 +98,7 @@ def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=No
     status = _from_rank0(status)
     if status:
         raise CheckpointError(status)
+    strike("save_begin")
     start = time.perf_counter()
     bad = next((name for name, t, _ in owned if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     try:
@@ -98,7 +106,7 @@ def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=No
             written = {"error": f"refusing to save the checkpoint of step {step}: {bad} holds NaN or inf on rank "
                                 f"{rank} ({socket.gethostname()}); the previous checkpoint stays the latest"}
         else:
-            written = write_pieces(tmp, rank, owned)
+            written = write_pieces(tmp, rank, owned, strike)
     except OSError as e:
         written = {"error": _failure(step, tmp / f"shard-{rank:05d}.safetensors", e, needed)}
     reports = _gather_to_rank0(written)
@@ -109,7 +117,9 @@ def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=No
                 for report in reports:
                     add_written(manifest, report)
                 add_tokenizer(tmp, manifest, tokenizer_file)
-                commit(tmp, final, manifest, latest_root=root)
+                strike("save_manifest")
+                commit(tmp, final, manifest, latest_root=root, strike=strike)
+                strike("save_prune")
                 _prune(root, keep)
                 print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)
             except OSError as e:

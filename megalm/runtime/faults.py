@@ -9,9 +9,14 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
     MEGALM_FAULTS="hang:rank=0,step=2"              # rank 0 stops making progress but keeps its heartbeat
     MEGALM_FAULTS="nan:rank=1,step=3"               # rank 1's loss of step 3 is NaN (and so its gradients)
 
+    MEGALM_FAULTS="kill:rank=0,step=4,at=save_rename"   # SIGKILL rank 0 inside the save of step 4, before
+                                                       # the rename (kill, stop and delay take at=POINT)
+
 ``rank`` defaults to every rank and ``step`` to every step. The points where a fault can strike are named
-(``step_start``, ``stop_agreement``, ``loss``); each action belongs to one point. Unknown actions or keys are an error
-naming them, so a typo never rehearses nothing.
+(``step_start``, ``stop_agreement``, ``loss``, and inside a save: ``save_begin``, ``save_piece`` (with
+``piece=K``: before the rank's K-th tensor), ``save_hashed``, ``save_durable``, ``save_manifest``, ``save_rename``,
+``save_pointer``, ``save_marker``, ``save_prune``); each action has its own point unless ``at=`` names one.
+Unknown actions, keys or points are an error naming them, so a typo never rehearses nothing.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from dataclasses import dataclass
 
 ACTIONS = {"kill": "step_start", "stop": "step_start", "delay": "step_start", "hang": "step_start",
            "skip_collective": "stop_agreement", "nan": "loss"}
-KEYS = {"rank", "step", "seconds"}
+KEYS = {"rank", "step", "seconds", "at", "piece"}
+SAVE_POINTS = ("save_begin", "save_piece", "save_hashed", "save_durable", "save_manifest", "save_rename",
+               "save_pointer", "save_marker", "save_prune")
+POINTS = ("step_start", "stop_agreement", "loss", *SAVE_POINTS)
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,12 @@ class Fault:
     rank: int | None = None
     step: int | None = None
     seconds: float = 0.0
+    at: str | None = None            # the point, when not the action's own (kill and stop: any point)
+    piece: int | None = None         # save_piece: before the rank's piece number ``piece`` (0-based)
 
-    def applies(self, point: str, rank: int, step: int) -> bool:
-        return (ACTIONS[self.action] == point and self.rank in (None, rank) and self.step in (None, step))
+    def applies(self, point: str, rank: int, step: int, piece: int | None = None) -> bool:
+        return ((self.at or ACTIONS[self.action]) == point and self.rank in (None, rank)
+                and self.step in (None, step) and self.piece in (None, piece))
 
 
 def parse(text: str | None) -> tuple[Fault, ...]:
@@ -47,7 +58,12 @@ def parse(text: str | None) -> tuple[Fault, ...]:
             key, _, value = pair.partition("=")
             if key not in KEYS:
                 raise ValueError(f"MEGALM_FAULTS: unknown key {key!r} in {item!r}; known: {', '.join(sorted(KEYS))}")
-            values[key] = float(value) if key == "seconds" else int(value)
+            values[key] = float(value) if key == "seconds" else value if key == "at" else int(value)
+        if values.get("at") not in (None, *POINTS):
+            raise ValueError(f"MEGALM_FAULTS: unknown point at={values['at']} in {item!r}; known: {', '.join(POINTS)}")
+        if values.get("at") and action not in ("kill", "stop", "delay"):
+            raise ValueError(f"MEGALM_FAULTS: {action} strikes at its own point ({ACTIONS[action]}); at= is for "
+                             f"kill, stop and delay")
         faults.append(Fault(action, **values))
     return tuple(faults)
 
@@ -55,7 +71,7 @@ def parse(text: str | None) -> tuple[Fault, ...]:
 _planned: tuple[Fault, ...] | None = None          # read from the environment at the first strike
 
 
-def strike(point: str, rank: int, step: int) -> bool:
+def strike(point: str, rank: int, step: int, piece: int | None = None) -> bool:
     """Carry out the faults planned for this point; returns True when the caller should skip what it was about to
     do (skip_collective) or poison it (nan). One test of an empty tuple when nothing is planned."""
     global _planned
@@ -65,7 +81,7 @@ def strike(point: str, rank: int, step: int) -> bool:
         return False
     skip = False
     for fault in _planned:
-        if not fault.applies(point, rank, step):
+        if not fault.applies(point, rank, step, piece):
             continue
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

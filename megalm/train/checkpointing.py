@@ -10,6 +10,7 @@ from megalm.checkpoint.save import save_checkpoint
 from megalm.config import Config
 from megalm.parallel.shard import writes_piece
 from megalm.parallel.topology import Topology
+from megalm.runtime import faults
 
 
 def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, tokenizer_file,
@@ -25,7 +26,9 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
                             engine.optimizer_step_count(), with_optim, engine.loss_scale_state())
     if blend_state is not None:
         manifest["data"]["blend"] = blend_state
-    save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep)
+    rank = topo.rank
+    save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep,
+                    strike=lambda point, piece=None: faults.strike(point, rank, step, piece))
     if cfg.checkpoint.deepspeed_native:                     # collective, like DeepSpeed's save_checkpoint
         engine.save_native_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")
 

@@ -27,10 +27,10 @@ def signal_at(monkeypatch, step: int, signum: int, rank_ok=lambda: True):
 
     real = loop.train_step
 
-    def planted(engine, p2p, schedule, micro, topo, lr, number, clock=None):
+    def planted(engine, p2p, schedule, micro, topo, lr, number, *rest):
         if number == step and rank_ok():
             os.kill(os.getpid(), signum)
-        return real(engine, p2p, schedule, micro, topo, lr, number, clock)
+        return real(engine, p2p, schedule, micro, topo, lr, number, *rest)
 
     monkeypatch.setattr(loop, "train_step", planted)
 
