@@ -101,3 +101,21 @@ def test_a_loss_spike_is_flagged(tiny_corpus, tmp_path, capsys):
     quiet = tmp_path / "quiet"
     _run(tiny_corpus, quiet, **{"train.steps": 6})                     # the default factor 3: no flags
     assert not [r for r in read_metrics(quiet) if "loss_spike" in r]
+
+
+def _train_rank(rank, world, overrides):
+    train(load_config(None, overrides))
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(tiny_corpus, tmp_path, monkeypatch):
+    """dp 2, the NaN planted on rank 1 only: both ranks skip step 3, and the weights equal a run without it."""
+    from megalm.runtime.spawn import run_distributed
+    monkeypatch.setenv("MEGALM_FAULTS", "nan:rank=1,step=3")
+    extra = {"train.steps": 4, "train.on_non_finite": "skip", "train.stop_at_step": 3, "parallel.dp": 2}
+    run_distributed(_train_rank, 2, tiny_overrides(tiny_corpus, tmp_path / "skip", **extra))
+    monkeypatch.setenv("MEGALM_FAULTS", "")
+    run_distributed(_train_rank, 2, tiny_overrides(tiny_corpus, tmp_path / "ref", **{**extra, "train.stop_at_step": 2}))
+    a, b = _weights(latest_checkpoint(tmp_path / "skip")), _weights(latest_checkpoint(tmp_path / "ref"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["step"] for r in read_metrics(tmp_path / "skip") if r.get("skipped_non_finite")] == [3]
