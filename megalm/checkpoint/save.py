@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,21 +77,28 @@ def write_pieces(folder: Path, index: int, owned, strike=None) -> dict:
     return {"file": file_name, "entries": entries, "sha256": digest}
 
 
-def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2,
-                    strike=None) -> Path:
-    """Collective: every rank calls it with the tensors it owns; rank 0's ``manifest`` (``new_manifest``) is
-    completed with every rank's pieces and committed. A write that fails on any rank (disk full, no permission)
-    abandons the save on every rank with the same ``CheckpointError``; the previous checkpoint stays the latest.
-    ``strike(point, piece=None)``: fault injection at the named points of the save (``megalm.runtime.faults``)."""
+@dataclass
+class SaveJob:
+    """One save in progress: where it goes and what this rank owns (``begin_save`` .. ``finish_save``)."""
+    step: int
+    root: Path
+    tmp: Path
+    final: Path
+    owned: list
+    needed: int
+    strike: object
+    started: float
+
+
+def begin_save(run_dir, step: int, owned, strike=None) -> SaveJob:
+    """Collective: rank 0 prepares ``step_N.tmp`` and every rank learns whether it could (CheckpointError if not)."""
     strike = strike or (lambda point, piece=None: None)
-    rank = _rank()
     root = checkpoints_root(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".tmp")
+    final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
     owned = list(owned)
     needed = sum(t.numel() * t.element_size() for _, t, _ in owned)
     status = None
-    if rank == 0:
+    if _rank() == 0:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -99,37 +108,90 @@ def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=No
     if status:
         raise CheckpointError(status)
     strike("save_begin")
-    start = time.perf_counter()
-    bad = next((name for name, t, _ in owned if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    return SaveJob(step, root, tmp, final, owned, needed, strike, time.perf_counter())
+
+
+def write_shard(job: SaveJob) -> dict:
+    """This rank's shard of the save (no collective: it may run on a thread); a failure is returned as
+    ``{"error": line}``, for ``finish_save`` to agree on."""
+    rank = _rank()
+    bad = next((name for name, t, _ in job.owned if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+               None)
+    if bad is not None:       # never commit a checkpoint holding NaN or inf
+        return {"error": f"refusing to save the checkpoint of step {job.step}: {bad} holds NaN or inf on rank "
+                         f"{rank} ({socket.gethostname()}); the previous checkpoint stays the latest"}
     try:
-        if bad is not None:       # never commit a checkpoint holding NaN or inf
-            written = {"error": f"refusing to save the checkpoint of step {step}: {bad} holds NaN or inf on rank "
-                                f"{rank} ({socket.gethostname()}); the previous checkpoint stays the latest"}
-        else:
-            written = write_pieces(tmp, rank, owned, strike)
+        return write_pieces(job.tmp, rank, job.owned, job.strike)
     except OSError as e:
-        written = {"error": _failure(step, tmp / f"shard-{rank:05d}.safetensors", e, needed)}
+        return {"error": _failure(job.step, job.tmp / f"shard-{rank:05d}.safetensors", e, job.needed)}
+
+
+def finish_save(job: SaveJob, written: dict, manifest: dict, tokenizer_file=None, keep: int = 2,
+                note: str = "") -> Path:
+    """Collective: rank 0 gathers every rank's report and commits (or abandons the save everywhere with the same
+    CheckpointError; the previous checkpoint stays the latest)."""
     reports = _gather_to_rank0(written)
-    if rank == 0:
+    status = None
+    if _rank() == 0:
         status = next((r["error"] for r in reports if "error" in r), None)
         if status is None:
             try:
                 for report in reports:
                     add_written(manifest, report)
-                add_tokenizer(tmp, manifest, tokenizer_file)
-                strike("save_manifest")
-                commit(tmp, final, manifest, latest_root=root, strike=strike)
-                strike("save_prune")
-                _prune(root, keep)
-                print(f"checkpoint: step {step} saved to {final} in {time.perf_counter() - start:.1f}s", flush=True)
+                add_tokenizer(job.tmp, manifest, tokenizer_file)
+                job.strike("save_manifest")
+                commit(job.tmp, job.final, manifest, latest_root=job.root, strike=job.strike)
+                job.strike("save_prune")
+                _prune(job.root, keep)
+                print(f"checkpoint: step {job.step} saved to {job.final} in {time.perf_counter() - job.started:.1f}s"
+                      f"{note}", flush=True)
             except OSError as e:
-                status = _failure(step, tmp, e, needed)
+                status = _failure(job.step, job.tmp, e, job.needed)
         if status:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(job.tmp, ignore_errors=True)
     status = _from_rank0(status)
     if status:
         raise CheckpointError(status)
-    return final
+    return job.final
+
+
+def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2,
+                    strike=None) -> Path:
+    """Collective: every rank calls it with the tensors it owns; rank 0's ``manifest`` (``new_manifest``) is
+    completed with every rank's pieces and committed. A write that fails on any rank (disk full, no permission)
+    abandons the save on every rank with the same ``CheckpointError``; the previous checkpoint stays the latest.
+    ``strike(point, piece=None)``: fault injection at the named points of the save (``megalm.runtime.faults``)."""
+    job = begin_save(run_dir, step, owned, strike)
+    return finish_save(job, write_shard(job), manifest, tokenizer_file, keep)
+
+
+class AsyncSave:
+    """A save whose writing runs on a thread: the step is blocked only for the snapshot (a copy of what this rank
+    owns, into host memory) and ``begin_save``; ``finish`` (collective) waits for the thread and commits, with
+    the same protocol and the same files as a synchronous save."""
+
+    def __init__(self, run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2,
+                 strike=None):
+        start = time.perf_counter()
+        snapshot = [(name, t.detach().to("cpu", copy=True), spec) for name, t, spec in owned]
+        self.job = begin_save(run_dir, step, snapshot, strike)
+        self.manifest, self.tokenizer_file, self.keep = manifest, tokenizer_file, keep
+        self.result: dict = {}
+        self.thread = threading.Thread(target=lambda: self.result.update(written=write_shard(self.job)),
+                                       name=f"megalm-save-{step}", daemon=True)
+        self.thread.start()
+        self.blocked_s = time.perf_counter() - start
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def finish(self) -> Path:
+        waited = time.perf_counter()
+        self.thread.join()
+        waited = self.waited_s = time.perf_counter() - waited
+        note = f" (in the background; the step was blocked {self.blocked_s:.3f}s"
+        note += f", and the next one waited {waited:.1f}s for it)" if waited > 0.05 else ")"
+        return finish_save(self.job, self.result["written"], self.manifest, self.tokenizer_file, self.keep, note)
 
 
 def _prune(root: Path, keep: int) -> None:

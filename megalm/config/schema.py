@@ -253,6 +253,11 @@ class CheckpointConfig(_Freezable):
     on_error: str = "stop"
     """A save that fails (disk full, no permission): stop the run (the previous checkpoint stays the latest), or
     continue training without that checkpoint (each failure is printed and counted)."""
+    async_save: bool = True
+    """Write checkpoints in the background: the step is blocked only while each rank copies what it owns into
+    host memory; writing, hashing and the commit follow on a thread, committed at a later step boundary (at most
+    one save in flight; the next waits for it, and says so). Off: the step waits for the whole save. DeepSpeed
+    saves (and checkpoint.deepspeed_native) stay synchronous."""
     deepspeed_native: bool = False
     """Under DeepSpeed, also write DeepSpeed's own ZeRO checkpoint at each save, to train.run_dir/deepspeed/
     (tag global_stepN), for DeepSpeed's tools; `megalm convert from-deepspeed` reads it back. Needs pp = 1."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from megalm.checkpoint.format import CheckpointError
 from megalm.checkpoint.load import CheckpointReader, newest_intact
 from megalm.checkpoint.manifest import layout_entry, new_manifest
-from megalm.checkpoint.save import save_checkpoint
+from megalm.checkpoint.save import AsyncSave, save_checkpoint
 from megalm.config import Config
 from megalm.parallel.shard import writes_piece
 from megalm.parallel.topology import Topology
@@ -14,8 +14,9 @@ from megalm.runtime import faults
 
 
 def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, tokenizer_file,
-         blend_state: list | None = None) -> None:
-    """``blend_state``: with data.blend, each source's prefix, weight and samples consumed (checked at resume)."""
+         blend_state: list | None = None, asynchronous: bool = False) -> AsyncSave | None:
+    """``blend_state``: with data.blend, each source's prefix, weight and samples consumed (checked at resume).
+    ``asynchronous``: returns the save in flight (finish it, collectively, with ``.finish()``)."""
     with_optim = cfg.checkpoint.save_optimizer
     owned = [(name, tensor, spec) for name, tensor, spec in engine.state_tensors(with_optim)
              if writes_piece(spec, topo.tp_rank, topo.dp_rank)]
@@ -27,10 +28,13 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
     if blend_state is not None:
         manifest["data"]["blend"] = blend_state
     rank = topo.rank
-    save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep,
-                    strike=lambda point, piece=None: faults.strike(point, rank, step, piece))
+    strike = lambda point, piece=None: faults.strike(point, rank, step, piece)     # noqa: E731
+    if asynchronous:
+        return AsyncSave(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike)
+    save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike=strike)
     if cfg.checkpoint.deepspeed_native:                     # collective, like DeepSpeed's save_checkpoint
         engine.save_native_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")
+    return None
 
 
 def restore(engine, reader: CheckpointReader, weights_only: bool = False, say=print) -> tuple[int, int, dict]:

@@ -115,43 +115,64 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         log.evaluation(progress["step"], split, loss, sum(b.shape[0] for b in batches), record)
         return loss
 
-    def checkpoint() -> None:
+    asynchronous = cfg.checkpoint.async_save and not cfg.uses_deepspeed
+
+    def settle(wait: bool = True) -> None:
+        """Commit the save in flight: when ``wait``, now; else only if every rank's writing is done (collective:
+        called at the same step boundaries on every rank)."""
+        pending = progress.get("pending_save")
+        if pending is None or not (wait or _all_done(pending, rt.device)):
+            return
+        progress["pending_save"] = None
+        rt.note(f"committing the checkpoint of step {pending.job.step}", progress["step"])
+        if _saved_or_said(pending.finish, cfg, rt, progress) is not None:
+            log.log({"step": pending.job.step, "checkpoint_blocked_s": pending.blocked_s + pending.waited_s,
+                     "checkpoint_s": time.perf_counter() - pending.job.started, "checkpoint_async": True})
+
+    def checkpoint(final: bool = False) -> None:
+        settle()                                   # at most one save in flight
         rt.note(f"checkpoint save of step {progress['step']}", progress["step"])
-        try:
-            save(engine, cfg, topo, progress["step"], sampler.consumed_samples,
-                 tokenizer_path(tokenizer_prefix(cfg.data)), blend and blend.state(sampler.consumed_samples))
-        except CheckpointError as error:          # the same on every rank; nothing was committed
-            if cfg.checkpoint.on_error == "stop":
-                raise
-            progress["failed_saves"] = progress.get("failed_saves", 0) + 1
-            if rt.is_logging_rank:
-                print(f"megalm: {error}; continuing without it (checkpoint.on_error=continue; "
-                      f"{progress['failed_saves']} failed so far)", file=sys.stderr, flush=True)
+        start = lambda: save(engine, cfg, topo, progress["step"], sampler.consumed_samples,  # noqa: E731
+                             tokenizer_path(tokenizer_prefix(cfg.data)),
+                             blend and blend.state(sampler.consumed_samples), asynchronous and not final)
+        began = time.perf_counter()
+        progress["pending_save"] = _saved_or_said(start, cfg, rt, progress)
+        if progress["pending_save"] is None and not (asynchronous and not final):
+            seconds = time.perf_counter() - began
+            log.log({"step": progress["step"], "checkpoint_blocked_s": seconds, "checkpoint_s": seconds,
+                     "checkpoint_async": False})
 
     request = StopRequest()
     handlers = install(request, rt.info.rank)
     try:
-        stopped = _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint,
-                         lambda bad_step: _roll_back(cfg, engine, sampler, log, progress, bad_step, say))
+        try:
+            stopped = _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval,
+                             (checkpoint, settle),
+                             lambda bad_step: (settle(), _roll_back(cfg, engine, sampler, log, progress, bad_step,
+                                                                   say))[1])
+        except NonFiniteLoss:           # agreed on every rank: the save in flight is still committed
+            settle()
+            raise
+        settle()
     finally:
         uninstall(handlers)
     step = progress["step"]
     result = {"step": step}
     if stopped:
-        checkpoint()
+        checkpoint(final=True)
         if rt.is_logging_rank:
             print(f"megalm: stopped at step {step} ({request.reason or 'another rank was asked to stop'}); "
                   f"checkpoint saved: rerun the same command to resume", flush=True)
             _mark_stopped(step, request)
         result.update(stopped=request.reason or "requested", exit_status=request.exit_status())
     elif step < t.steps:      # stopped early on purpose (train.stop_at_step): the next run resumes here
-        checkpoint()
+        checkpoint(final=True)
     else:
         trained = step > first_step or reader is None or from_load      # else: a finished run, rerun
         result["val_loss"] = run_eval("valid", record=trained)
         result["test_loss"] = run_eval("test", record=trained)
         if trained:
-            checkpoint()
+            checkpoint(final=True)
         if rt.is_logging_rank and cfg.logging.plot:
             print(f"loss curve: {plot_loss_curve(t.run_dir)}")
     result["loss"] = log.last_loss
@@ -160,11 +181,12 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     return result
 
 
-def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, checkpoint, roll_back) -> bool:
+def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval, saves, roll_back) -> bool:
     """Train from ``progress["step"]`` to train.stop_at_step (or train.steps), keeping ``progress`` current;
     returns whether the run stopped on request. At every step boundary the ranks agree whether a signal or the
     time budget asks them to stop."""
     t, topo, step = cfg.train, rt.topo, progress["step"]
+    checkpoint, settle = saves
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     last = min(t.steps, t.stop_at_step or t.steps)
     slowest = save_seconds = busy = 0.0
@@ -208,6 +230,7 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
             started = time.perf_counter()
             checkpoint()
             save_seconds = time.perf_counter() - started
+        settle(wait=False)                             # commit a background save once every rank has written it
         rt.note("agreeing whether to stop", step, bounded=True, slowest_step=slowest)
         margin = max(t.time_limit_margin, 2 * slowest + save_seconds)
         if faults.strike("stop_agreement", rt.info.rank, step):
@@ -216,6 +239,30 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
         if step < last and agree_to_stop(request, rt.device, step):
             return True
     return False
+
+
+def _all_done(pending, device) -> bool:
+    """Whether every rank's background writing has finished (one all-reduce of one element)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return pending.done()
+    flag = torch.tensor([1.0 if pending.done() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _saved_or_said(action, cfg: Config, rt, progress: dict):
+    """Run a save (or its commit); a failure, the same on every rank, stops the run or is said and counted."""
+    try:
+        return action()
+    except CheckpointError as error:          # the same on every rank; nothing was committed
+        if cfg.checkpoint.on_error == "stop":
+            raise
+        progress["failed_saves"] = progress.get("failed_saves", 0) + 1
+        if rt.is_logging_rank:
+            print(f"megalm: {error}; continuing without it (checkpoint.on_error=continue; "
+                  f"{progress['failed_saves']} failed so far)", file=sys.stderr, flush=True)
+        return None
 
 
 def _watch_loss(log, step: int, loss: float, norm: float, recent, factor: float, progress: dict) -> None:

@@ -1,7 +1,7 @@
-"""SIGKILL at every named point of a save, on 4 ranks (tp 2 x dp 2): every restart loads the newest committed
-checkpoint, re-saves the steps that were lost and ends with the losses of an uninterrupted run, bit for bit;
-no rank hangs. The default suite strikes 7 points (about 80 s); MEGALM_STRESS=1 strikes 200 distinct ones
-(about 40 min on 2 cores)."""
+"""SIGKILL at every named point of a save, synchronous or asynchronous, on 4 ranks (tp 2 x dp 2): every restart
+loads the newest committed checkpoint, re-saves the steps that were lost and ends with the losses of an
+uninterrupted run, bit for bit; no rank hangs. The default suite strikes 7 points (about 80 s); MEGALM_STRESS=1
+strikes 200 distinct ones (about 40 min on 2 cores)."""
 from __future__ import annotations
 
 import collections
@@ -32,12 +32,12 @@ def zygote():
     z.close()
 
 
-def _launch(zygote, prefix, folder, faults: str) -> dict:
+def _launch(zygote, prefix, folder, faults: str, asynchronous: bool = True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     args = ["train", *tiny_overrides(prefix, folder / "run", **{
         "train.steps": STEPS, "checkpoint.interval": 2, "checkpoint.keep": 10, "parallel.tp": 2,
         "train.micro_batch_size": 1, "train.global_batch_size": 4, "train.log_interval": 1,
-        "parallel.heartbeat_timeout": 2.0})]
+        "parallel.heartbeat_timeout": 2.0, "checkpoint.async_save": str(asynchronous).lower()})]
     port, pids = free_port(), {}
     tag = len(list(folder.glob("rank0*.out")))
     for rank in range(WORLD):
@@ -70,28 +70,32 @@ def _points(count: int, seed: int = 0) -> list[dict]:
     for point, step in itertools.product(SAVE_POINTS, (2, 4, 6)):
         ranks = (0,) if point in RANK0_ONLY else (0, 1) if point in WRITERS_ONLY else range(WORLD)
         pieces = range(16) if point == "save_piece" else (None,)
-        every += [{"at": point, "rank": r, "step": step, "piece": k} for r in ranks for k in pieces]
+        every += [{"at": point, "rank": r, "step": step, "piece": k, "async": a}
+                  for r in ranks for k in pieces for a in (False, True)]
     random.Random(seed).shuffle(every)
     return every[:count]
 
 
 # The default suite: one moment per kind of point (writers' pieces, hashing and fsync, rank 0's commit steps).
-DEFAULT = [{"at": "save_begin", "rank": 3, "step": 4}, {"at": "save_piece", "rank": 1, "step": 4, "piece": 1},
-           {"at": "save_durable", "rank": 0, "step": 2}, {"at": "save_manifest", "rank": 0, "step": 4},
-           {"at": "save_rename", "rank": 0, "step": 4}, {"at": "save_marker", "rank": 0, "step": 4},
-           {"at": "save_prune", "rank": 0, "step": 4}]
+DEFAULT = [{"at": "save_begin", "rank": 3, "step": 4, "async": True},
+           {"at": "save_piece", "rank": 1, "step": 4, "piece": 1, "async": True},
+           {"at": "save_durable", "rank": 0, "step": 2, "async": False},
+           {"at": "save_manifest", "rank": 0, "step": 4, "async": True},
+           {"at": "save_rename", "rank": 0, "step": 4, "async": False},
+           {"at": "save_marker", "rank": 0, "step": 4, "async": True},
+           {"at": "save_prune", "rank": 0, "step": 4, "async": False}]
 
 
 def _trial(zygote, prefix, folder, point: dict, reference) -> str:
-    spec = ",".join(f"{k}={v}" for k, v in point.items() if v is not None)
+    spec = ",".join(f"{k}={v}" for k, v in point.items() if v is not None and k != "async")
     point = {"piece": None, **point}
-    first = _launch(zygote, prefix, folder, f"kill:{spec}")
+    first = _launch(zygote, prefix, folder, f"kill:{spec}", point["async"])
     victim = point["rank"]
     assert first[victim] == -9, (point, first)
     others = {r: s for r, s in first.items() if r != victim}
     assert set(others.values()) <= {EXIT_PEER_LOST, 0}, (point, first)
     before = latest_checkpoint(folder / "run")
-    second = _launch(zygote, prefix, folder, "")
+    second = _launch(zygote, prefix, folder, "", point["async"])
     assert set(second.values()) == {0}, (point, second, (folder / "rank0.1.err").read_text()[-2000:])
     assert _losses(folder / "run") == reference, point                    # bit for bit, every step
     saved = sorted(c.name for c in committed_checkpoints(folder / "run"))
@@ -102,7 +106,8 @@ def _trial(zygote, prefix, folder, point: dict, reference) -> str:
     expected_from = before.name if before else None
     if expected_from:
         assert f"resuming from {folder / 'run' / 'checkpoints' / expected_from}" in resumed, point
-    return f"killed at {point['at']}: resumed from {expected_from or 'scratch'}"
+    kind = "async" if point["async"] else "sync"
+    return f"{kind} save, killed at {point['at']}: resumed from {expected_from or 'scratch'}"
 
 
 def test_kill_at_every_save_point_then_restart_continues_exactly(zygote, tiny_corpus, tmp_path, reference):
