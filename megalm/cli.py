@@ -32,6 +32,7 @@ BENCHES = {
     "memory": "megalm.bench.memory",
     "convert": "megalm.bench.convert",
     "preprocess": "megalm.bench.preprocess",
+    "save": "megalm.bench.save",
     "compare": "megalm.bench.compare",
 }
 
