@@ -5,6 +5,10 @@ tensor-parallel rank 0 only; of a tied embedding, the first stage only. The save
 renamed into place after every rank has written and rank 0 has written the manifest; ``COMMITTED`` and the
 ``latest`` pointer come last, so a crash at any moment leaves the previous checkpoint intact. Each file is
 hashed while it is written (``PlannedSafetensorsFile``), never read back.
+
+Phases: ``begin_save`` (collective: the folder), ``write_shard`` (this rank's file, no collective, so it can run
+on a thread: ``AsyncSave``), ``finish_save`` (collective: gather, commit, agree). ``save_checkpoint`` runs the
+three in a row.
 """
 from __future__ import annotations
 
