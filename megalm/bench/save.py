@@ -3,9 +3,10 @@ steps/s of a run that saves every ``--interval`` steps against one that never sa
 
 Each model trains three times on the same data: synchronous saves, asynchronous saves, and no saves (only the
 final one, not counted). From ``metrics.jsonl``: the step time (tokens per step / tokens/s, which includes any
-slowdown from a save writing in the background) and each save's blocking time; a run's effective rate is its
-median step time plus its saves' blocking time per step (the median keeps the first, warming-up steps out). Models: the tiny preset, and GPT-2 124M (weights and Adam moments in fp32: a 1.5 GB
-checkpoint) unless ``--no-large``.
+slowdown from a save writing in the background) and each save's blocking time. A run's effective rate is one
+over its median step time plus its saves' blocking time per step (the median keeps the warming-up first steps
+out). Models: the tiny preset, and GPT-2 124M (weights and Adam moments in fp32: a 1.5 GB checkpoint) unless
+``--no-large``.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def _failure(step: int, path: Path, error: OSError, needed: int) -> str:
 def write_pieces(folder: Path, index: int, owned, strike=None) -> dict:
     """Write (name, local tensor, ShardSpec) triples into ``shard-{index:05d}.safetensors``; return the file's
     sha256 and the manifest entries of its pieces. ``strike(point, piece)``: fault injection."""
-    strike = strike or (lambda point, piece=None: None)
+    strike = strike or (lambda point, piece=None, path=None: None)
     file_name = f"shard-{index:05d}.safetensors"
     owned = [(name, tensor.detach(), spec) for name, tensor, spec in owned]
     entries = {name: {"shape": list(spec.global_shape(tuple(t.shape))), "dtype": str(t.dtype).replace("torch.", ""),
@@ -77,7 +77,7 @@ def write_pieces(folder: Path, index: int, owned, strike=None) -> dict:
     digest = out.close()
     strike("save_hashed")
     out.wait_durable()                                 # on disk before the commit renames the folder
-    strike("save_durable")
+    strike("save_durable", path=folder / file_name)
     return {"file": file_name, "entries": entries, "sha256": digest}
 
 
@@ -96,7 +96,7 @@ class SaveJob:
 
 def begin_save(run_dir, step: int, owned, strike=None) -> SaveJob:
     """Collective: rank 0 prepares ``step_N.tmp`` and every rank learns whether it could (CheckpointError if not)."""
-    strike = strike or (lambda point, piece=None: None)
+    strike = strike or (lambda point, piece=None, path=None: None)
     root = checkpoints_root(run_dir)
     final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
     owned = list(owned)

@@ -8,6 +8,8 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
     MEGALM_FAULTS="skip_collective:rank=1,step=4"   # rank 1 skips the stop agreement after step 4
     MEGALM_FAULTS="hang:rank=0,step=2"              # rank 0 stops making progress but keeps its heartbeat
     MEGALM_FAULTS="nan:rank=1,step=3"               # rank 1's loss of step 3 is NaN (and so its gradients)
+    MEGALM_FAULTS="corrupt:rank=0,step=4"           # flip a byte of rank 0's shard of step 4 once it is on disk
+    MEGALM_FAULTS="truncate:rank=1,step=4"          # cut 100 bytes off rank 1's shard of step 4 (silent damage)
 
     MEGALM_FAULTS="kill:rank=0,step=4,at=save_rename"   # SIGKILL rank 0 inside the save of step 4, before
                                                        # the rename (kill, stop and delay take at=POINT)
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 ACTIONS = {"kill": "step_start", "stop": "step_start", "delay": "step_start", "hang": "step_start",
-           "skip_collective": "stop_agreement", "nan": "loss"}
+           "skip_collective": "stop_agreement", "nan": "loss", "corrupt": "save_durable", "truncate": "save_durable"}
 KEYS = {"rank", "step", "seconds", "at", "piece"}
 SAVE_POINTS = ("save_begin", "save_piece", "save_hashed", "save_durable", "save_manifest", "save_rename",
                "save_pointer", "save_marker", "save_prune")
@@ -68,10 +70,23 @@ def parse(text: str | None) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
+def _damage(path, how: str) -> None:
+    """Silent disk damage after the file was written and hashed: one flipped byte, or 100 bytes cut off."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if how == "truncate":
+            f.truncate(max(0, size - 100))
+        elif size:
+            f.seek(size // 2)
+            byte = f.read(1)
+            f.seek(size // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+
 _planned: tuple[Fault, ...] | None = None          # read from the environment at the first strike
 
 
-def strike(point: str, rank: int, step: int, piece: int | None = None) -> bool:
+def strike(point: str, rank: int, step: int, piece: int | None = None, path=None) -> bool:
     """Carry out the faults planned for this point; returns True when the caller should skip what it was about to
     do (skip_collective) or poison it (nan). One test of an empty tuple when nothing is planned."""
     global _planned
@@ -94,4 +109,6 @@ def strike(point: str, rank: int, step: int, piece: int | None = None) -> bool:
                 time.sleep(3600)
         elif fault.action in ("skip_collective", "nan"):
             skip = True
+        elif fault.action in ("corrupt", "truncate") and path is not None:
+            _damage(path, fault.action)
     return skip

@@ -28,7 +28,7 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
     if blend_state is not None:
         manifest["data"]["blend"] = blend_state
     rank = topo.rank
-    strike = lambda point, piece=None: faults.strike(point, rank, step, piece)     # noqa: E731
+    strike = lambda point, piece=None, path=None: faults.strike(point, rank, step, piece, path)     # noqa: E731
     if asynchronous:
         return AsyncSave(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike)
     save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike=strike)

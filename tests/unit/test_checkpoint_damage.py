@@ -109,3 +109,21 @@ def test_eval_says_which_step_it_used(run, tmp_path, how, capsys):
     assert cli(["eval", "--checkpoint", str(copy), "--samples", "4"]) == 0
     captured = capsys.readouterr()
     assert "step_0000002" in captured.err + captured.out and "(step 2)" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "truncate"])
+def test_silent_disk_damage_planted_by_the_fault_facility_is_caught_at_resume(tiny_corpus, tmp_path, fault,
+                                                                              monkeypatch, capsys):
+    from megalm.runtime import faults
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("MEGALM_FAULTS", f"{fault}:rank=0,step=4")
+    monkeypatch.setattr(faults, "_planned", None)
+    assert cli(["train"] + tiny_overrides(tiny_corpus, run_dir, **{**STEPS, "train.stop_at_step": 4})) == 0
+    monkeypatch.setenv("MEGALM_FAULTS", "")
+    monkeypatch.setattr(faults, "_planned", None)
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        CheckpointReader(run_dir / "checkpoints" / "step_0000004")
+    capsys.readouterr()
+    assert cli(["train"] + tiny_overrides(tiny_corpus, run_dir, **STEPS)) == 0
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "falling back to" in out and "step_0000002" in out
