@@ -29,6 +29,9 @@ def _child(spec: dict) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.environ.update(spec["env"])
+        if "OMP_NUM_THREADS" in spec["env"]:      # torch read its thread count when the zygote imported it
+            import torch
+            torch.set_num_threads(int(spec["env"]["OMP_NUM_THREADS"]))
         code = megalm.cli.main(spec["args"]) or 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
