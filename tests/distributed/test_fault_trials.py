@@ -87,7 +87,9 @@ class Trial:
         args = ["train", *tiny_overrides(prefix, folder / "run", **{
             "train.steps": 100000, "train.micro_batch_size": 1, "train.global_batch_size": WORLD,
             "train.log_interval": 1, "checkpoint.interval": 2, "parallel.heartbeat_timeout": TIMEOUT,
-            **overrides})]
+            # synchronous saves: a victim struck from step 3 on always leaves step 2 committed (an asynchronous
+            # save commits at a later step boundary; test_save_kill_trials covers those)
+            "checkpoint.async_save": "false", **overrides})]
         port = free_port()
         self.pids = {}
         for rank in ranks:
