@@ -15,13 +15,12 @@ integers per block), and a block's sources are recomputed from them when needed.
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import numpy as np
 
 from megalm.config.rules import blend_sources
 from megalm.data.errors import DataError
-from megalm.data.tokenizer import special_path, tokenizer_path
+from megalm.data.tokenizer import first_tokenizer_mismatch
 
 BLOCK = 4096
 
@@ -125,15 +124,11 @@ def check_resumed_blend(blend: BlendedDataset, saved: list | None, consumed: int
 
 def same_tokenizer(prefixes: list[str]) -> None:
     """Every source was tokenized with the first one's tokenizer (the files are equal byte for byte)."""
-    def files(prefix):
-        return [pathlib.Path(tokenizer_path(prefix)), pathlib.Path(special_path(tokenizer_path(prefix)))]
-    reference = [p.read_bytes() if p.is_file() else None for p in files(prefixes[0])]
-    for other in prefixes[1:]:
-        for ref, path in zip(reference, files(other)):
-            if (path.read_bytes() if path.is_file() else None) != ref:
-                raise DataError(f"data.blend: {other} was tokenized with another tokenizer than {prefixes[0]} "
-                                f"({path} differs or is missing): preprocess every source with the same "
-                                f"--tokenizer")
+    mismatch = first_tokenizer_mismatch(prefixes)
+    if mismatch is not None:
+        other, path = mismatch
+        raise DataError(f"data.blend: {other} was tokenized with another tokenizer than {prefixes[0]} ({path} "
+                        f"differs or is missing): preprocess every source with the same --tokenizer")
 
 
 def tokenizer_prefix(data_cfg) -> str | None:

@@ -17,25 +17,20 @@ import numpy as np
 from megalm.data.errors import DataError
 from megalm.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megalm.data.report import refuse_existing
-from megalm.data.tokenizer import special_path, tokenizer_path
+from megalm.data.tokenizer import first_tokenizer_mismatch, special_path, tokenizer_files, tokenizer_path
 
 _BLOCK_DOCS = 1 << 16
 
 
-def _tokenizer_files(prefix: str) -> list[pathlib.Path]:
-    return [pathlib.Path(tokenizer_path(prefix)), pathlib.Path(special_path(tokenizer_path(prefix)))]
-
-
 def _same_tokenizer(prefixes: list[str]) -> None:
-    for path in (p for prefix in prefixes for p in _tokenizer_files(prefix)):
+    for path in (p for prefix in prefixes for p in tokenizer_files(prefix)):
         if not path.is_file():
             raise DataError(f"{path} not found: every part needs the tokenizer files preprocess wrote beside it")
-    reference = [p.read_bytes() for p in _tokenizer_files(prefixes[0])]
-    for other in prefixes[1:]:
-        for ref, path in zip(reference, _tokenizer_files(other)):
-            if path.read_bytes() != ref:
-                raise DataError(f"{other} was tokenized with another tokenizer than {prefixes[0]} ({path} "
-                                f"differs): tokenize every part with the same --tokenizer")
+    mismatch = first_tokenizer_mismatch(prefixes)
+    if mismatch is not None:
+        other, path = mismatch
+        raise DataError(f"{other} was tokenized with another tokenizer than {prefixes[0]} ({path} differs): "
+                        f"tokenize every part with the same --tokenizer")
 
 
 def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> dict:

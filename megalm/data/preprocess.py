@@ -188,7 +188,6 @@ def preprocess(inputs: list[str] | None, output_prefix: str, text_key: str = "te
     tokenizer_seconds = time.perf_counter() - start
     dtype = best_dtype(max(tok.vocab_size, vocab_size or 0))
 
-    fates.counts["read"] = 0
     run = _Run(items, opts, fates, "preprocess", show_progress)
     with IndexedDatasetWriter(output_prefix, dtype) as writer:
         for found, keep in run.chunks(tok, dtype):

@@ -189,6 +189,24 @@ def tokenizer_path(prefix: str | pathlib.Path) -> str:
     return f"{prefix}.tokenizer.json"
 
 
+def tokenizer_files(prefix) -> list[pathlib.Path]:
+    """The tokenizer files ``megalm preprocess`` writes beside the dataset at ``prefix``."""
+    return [pathlib.Path(tokenizer_path(prefix)), pathlib.Path(special_path(tokenizer_path(prefix)))]
+
+
+def first_tokenizer_mismatch(prefixes: list[str]) -> tuple[str, pathlib.Path] | None:
+    """(prefix, file) of the first dataset whose tokenizer files differ from the first one's, byte for byte (a
+    missing file differs from a present one); None when all agree."""
+    def contents(path: pathlib.Path):
+        return path.read_bytes() if path.is_file() else None
+    reference = [contents(p) for p in tokenizer_files(prefixes[0])]
+    for other in prefixes[1:]:
+        for ref, path in zip(reference, tokenizer_files(other)):
+            if contents(path) != ref:
+                return other, path
+    return None
+
+
 def dataset_tokenizer(prefix) -> "Tokenizer | None":
     """The tokenizer ``megalm preprocess`` saved beside the dataset at ``prefix``, or None."""
     if prefix and pathlib.Path(tokenizer_path(prefix)).exists():

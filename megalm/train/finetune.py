@@ -59,7 +59,7 @@ def finetune_overrides(checkpoint: str, config: str | None, overrides: list[str]
 
     overrides = [*overrides, f"checkpoint.load={checkpoint}", "checkpoint.load_weights_only=true"]
     cfg = load_config(config, overrides)
-    data = [list(cfg.data.blend)] if cfg.data.blend is not None else cfg.data.prefix
+    data = list(cfg.data.blend) if cfg.data.blend is not None else cfg.data.prefix
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("train.run_dir=")]
     run_dir = given[-1] if given else default_run_dir(checkpoint, cfg.data.prefix)
     claim_run_dir(run_dir, checkpoint, data)

@@ -132,24 +132,27 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     def checkpoint(final: bool = False) -> None:
         settle()                                   # at most one save in flight
         rt.note(f"checkpoint save of step {progress['step']}", progress["step"])
+        background = asynchronous and not final
         start = lambda: save(engine, cfg, topo, progress["step"], sampler.consumed_samples,  # noqa: E731
                              tokenizer_path(tokenizer_prefix(cfg.data)),
-                             blend and blend.state(sampler.consumed_samples), asynchronous and not final)
+                             blend and blend.state(sampler.consumed_samples), background)
         began = time.perf_counter()
         progress["pending_save"] = _saved_or_said(start, cfg, rt, progress)
-        if progress["pending_save"] is None and not (asynchronous and not final):
+        if progress["pending_save"] is None and not background:
             seconds = time.perf_counter() - began
             log.log({"step": progress["step"], "checkpoint_blocked_s": seconds, "checkpoint_s": seconds,
                      "checkpoint_async": False})
+
+    def roll_back(bad_step: int) -> int:
+        settle()                                   # the save in flight is the newest checkpoint to go back to
+        return _roll_back(cfg, engine, sampler, log, progress, bad_step, say)
 
     request = StopRequest()
     handlers = install(request, rt.info.rank)
     try:
         try:
             stopped = _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval,
-                             (checkpoint, settle),
-                             lambda bad_step: (settle(), _roll_back(cfg, engine, sampler, log, progress, bad_step,
-                                                                   say))[1])
+                             (checkpoint, settle), roll_back)
         except NonFiniteLoss:           # agreed on every rank: the save in flight is still committed
             settle()
             raise
@@ -222,7 +225,7 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
                        loss_scale=engine.loss_scale, comm=comm)
         if isinstance(sampler.dataset, BlendedDataset) and (step % t.log_interval == 0 or step == last):
-            log.data_sources(step, sampler.dataset.names, sampler.dataset.counts(sampler.consumed_samples), True)
+            log.data_sources(step, sampler.dataset.names, sampler.dataset.counts(sampler.consumed_samples))
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
             rt.note(f"evaluation after step {step}", step)
             run_eval("valid")

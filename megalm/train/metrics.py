@@ -77,10 +77,10 @@ class MetricsLogger:
             print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
                   f"| {tokens_per_s:,.0f} tok/s{rate} | ETA {_fmt(eta)}{fp16}", flush=True)
 
-    def data_sources(self, step: int, names: list[str], counts, print_line: bool) -> None:
-        """Samples consumed so far from each source of a blend."""
+    def data_sources(self, step: int, names: list[str], counts) -> None:
+        """Samples consumed so far from each source of a blend, logged and printed."""
         self.log({"step": step, "samples_per_source": dict(zip(names, map(int, counts)))})
-        if self.enabled and print_line:
+        if self.enabled:
             total = max(1, int(sum(counts)))
             shares = ", ".join(f"{n} {int(c)} ({c / total:.1%})" for n, c in zip(names, counts))
             print(f"step {step:>6}/{self.total_steps} | samples per source: {shares}", flush=True)
