@@ -63,8 +63,9 @@ def single_process(tiny_corpus, tmp_path_factory) -> list[float]:
     return losses(run_dir)
 
 
-def submit(cluster, script: str, args: list[str], log: Path) -> str:
+def submit(cluster, script: str, args: list[str], log: Path, extra_env: dict | None = None) -> str:
     sbatch_args, env = LAUNCHERS[script]
+    env = {**env, **(extra_env or {})}
     cluster.env.update(env)
     try:
         return cluster.submit(["--nodes", "2", *sbatch_args, "--output", str(log), "--chdir", str(ROOT),
@@ -168,8 +169,11 @@ def test_train_time_limit_stops_saves_and_the_requeued_job_finishes_bit_exactly(
                                                                                 tmp_path):
     reference = uninterrupted("train.sbatch")
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    # every step sleeps 0.5 s (a planned delay, which changes no number), so 12 steps cannot fit in the 5 s budget
+    # however fast the machine: the job must stop, save and be requeued at least once
     job = submit(cluster, "train.sbatch", overrides(tiny_corpus, run_dir, "tp2-dp2", **{
-        "train.time_limit": 3.5, "train.time_limit_margin": 1.0}), log)
+        "train.time_limit": 5.0, "train.time_limit_margin": 1.0}), log,
+        extra_env={"MEGALM_FAULTS": "delay:seconds=0.5"})
     fields = cluster.wait(job, 600)
     output = log.read_text()
     assert fields["JobState"] == "COMPLETED" and int(fields["Restarts"]) >= 1, (fields, output[-4000:])
