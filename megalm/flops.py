@@ -1,8 +1,13 @@
 """FLOPs per token, counted exactly for megalm's model (GQA, SwiGLU, LM head), for TFLOP/s and MFU.
 
-Model FLOPs follow the usual convention (Megatron, PaLM): a matmul of (m x k) by (k x n) costs 2mkn, training is
-forward + backward = 3 x forward, and attention counts the full s x s score matrix (6N + 12 L h s per token for
-a plain GPT). Hardware FLOPs add what activation recomputation runs again: a whole forward (full) or the
+A matmul of (m x k) by (k x n) costs 2mkn and training is forward + backward = 3 x forward. Two conventions for
+the attention core disagree, and published MFU figures use both, so megalm reports both and names them:
+
+- ``model`` (PaLM, TorchTitan): the full s x s score matrix, 6N + 12 L h s per token for a plain GPT, as
+  FlopCounterMode counts a causal SDPA call;
+- ``model_causal`` (Megatron-LM since 2023): only the lower triangle a causal kernel computes, half of it.
+
+Hardware FLOPs (PaLM convention) add what activation recomputation runs again: a whole forward (full) or the
 attention core (selective).
 """
 from __future__ import annotations
@@ -23,8 +28,9 @@ def matmul_params(m: ModelConfig) -> dict[str, int]:
 @dataclass(frozen=True)
 class FlopsPerToken:
     forward: float
-    model: float          # forward + backward, no recomputation
-    hardware: float       # what actually runs, recomputation included
+    model: float          # forward + backward, no recomputation; attention's score matrix counted in full
+    hardware: float       # what actually runs, recomputation included (same attention convention as ``model``)
+    model_causal: float   # as ``model``, with the attention core halved (causal: only the lower triangle)
 
 
 def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none") -> FlopsPerToken:
@@ -33,8 +39,9 @@ def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none") -> Fl
     forward = 2 * n + attention_core
     model = 3 * forward
     extra = {"none": 0, "full": forward - 2 * matmul_params(m)["lm_head"], "selective": attention_core}[recompute]
-    return FlopsPerToken(forward, model, model + extra)
+    return FlopsPerToken(forward, model, model + extra, model - 3 * attention_core / 2)
 
 
-def mfu(tokens_per_s: float, per_token: FlopsPerToken, peak_flops: float) -> float:
-    return tokens_per_s * per_token.model / peak_flops
+def mfu(tokens_per_s: float, per_token: FlopsPerToken, peak_flops: float, causal: bool = False) -> float:
+    """Model FLOPs utilisation; ``causal`` picks Megatron's convention (attention halved), else PaLM's."""
+    return tokens_per_s * (per_token.model_causal if causal else per_token.model) / peak_flops

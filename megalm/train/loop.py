@@ -96,14 +96,15 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     sampler = BatchSampler(data["train"], t.global_batch_size, t.micro_batch_size, topo.dp_rank, topo.dp, consumed)
     p2p = P2P(topo, activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size, topo),
               engine.activation_dtype, rt.device, num_chunks=len(engine.chunks))
-    per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing).model
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing)
     peak, peak_source = device_peak_flops(rt.device, t.precision) if rt.is_logging_rank else (0.0, "")
     log = MetricsLogger(t.run_dir, rt.is_logging_rank, cfg.logging.tensorboard, t.steps, per_token,
                         rt.topo.world_size, peak)
     if rt.is_logging_rank:
         _announce(cfg, rt, engine, step, reader.folder if reader else None)
-        print(f"MFU: model FLOPs (6N + attention, causal counted in full) against {peak / 1e12:.3g} TFLOP/s per "
-              f"device ({peak_source})", flush=True)
+        print(f"MFU: model FLOPs (6N + attention; 'MFU' counts the causal score matrix in full as PaLM and TorchTitan "
+              f"do, 'causal-halved' counts half as Megatron does; 'hfu' in metrics.jsonl adds recomputation) against "
+              f"{peak / 1e12:.3g} TFLOP/s per device ({peak_source})", flush=True)
         Path(t.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0,
-                 flops_per_token: float = 0.0, devices: int = 1, peak_flops: float = 0.0):
-        """``flops_per_token``: model FLOPs (forward + backward) per token; with ``devices`` and the device's
-        ``peak_flops`` they give each step's TFLOP/s per device and MFU."""
+                 flops=None, devices: int = 1, peak_flops: float = 0.0):
+        """``flops``: megalm.flops.FlopsPerToken; with ``devices`` and the device's ``peak_flops`` it gives each
+        step's TFLOP/s per device (model and hardware) and MFU in both attention conventions."""
         self.enabled, self.total_steps = enabled, total_steps
-        self.flops_per_token, self.devices, self.peak_flops = flops_per_token, devices, peak_flops
+        self.flops, self.devices, self.peak_flops = flops, devices, peak_flops
         self.run_dir = Path(run_dir)
         self.start_time, self.start_step = time.perf_counter(), None
         self.writer, self.last_loss = None, None
@@ -51,13 +51,11 @@ class MetricsLogger:
         self.last_loss = loss
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         rate = ""
-        if self.flops_per_token:
-            per_device = tokens_per_s * self.flops_per_token / self.devices
-            record["tflops_per_device"] = per_device / 1e12
-            rate = f" | {per_device / 1e12:.3g} TFLOP/s/device"
+        if self.flops is not None:
+            record.update(self._rates(tokens_per_s / self.devices))
+            rate = f" | {record['tflops_per_device']:.3g} TFLOP/s/device"
             if self.peak_flops:
-                record["mfu"] = per_device / self.peak_flops
-                rate += f" | MFU {record['mfu']:.1%}"
+                rate += f" | MFU {record['mfu']:.1%} (causal-halved {record['mfu_causal']:.1%})"
         if comm is not None:          # this rank's tensor-parallel traffic this step (ring model, elements)
             from megalm.parallel.tensor import TP_KINDS
 
@@ -76,6 +74,17 @@ class MetricsLogger:
             eta = elapsed / max(1, done) * (self.total_steps - step)
             print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
                   f"| {tokens_per_s:,.0f} tok/s{rate} | ETA {_fmt(eta)}{fp16}", flush=True)
+
+    def _rates(self, tokens_per_s_per_device: float) -> dict:
+        """Model and hardware TFLOP/s per device; MFU with attention in full (PaLM, TorchTitan) and halved
+        (Megatron), and hardware FLOPs utilisation (recomputation counted)."""
+        f, n = self.flops, tokens_per_s_per_device
+        out = {"tflops_per_device": n * f.model / 1e12, "tflops_causal_per_device": n * f.model_causal / 1e12,
+               "hardware_tflops_per_device": n * f.hardware / 1e12}
+        if self.peak_flops:
+            out.update(mfu=n * f.model / self.peak_flops, mfu_causal=n * f.model_causal / self.peak_flops,
+                       hfu=n * f.hardware / self.peak_flops)
+        return out
 
     def data_sources(self, step: int, names: list[str], counts) -> None:
         """Samples consumed so far from each source of a blend, logged and printed."""

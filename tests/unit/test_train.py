@@ -202,12 +202,18 @@ def test_the_log_shows_tflops_and_mfu_from_the_flop_counter(tiny_corpus, tmp_pat
     run(tiny_corpus, tmp_path, **{"train.steps": 2})
     cfg = load_config(None, tiny_overrides(tiny_corpus, tmp_path))
     cfg.model.vocab_size = 512                                   # as resolved from the 512-token tokenizer
-    per_token = flops_per_token(cfg.model, cfg.data.seq_len).model
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     for record in (r for r in read_metrics(tmp_path) if "loss" in r):
-        assert record["tflops_per_device"] == pytest.approx(record["tokens_per_s"] * per_token / 1e12, rel=1e-9)
-        assert 0 < record["mfu"] < 1
+        tokens_per_s = record["tokens_per_s"]
+        assert record["tflops_per_device"] == pytest.approx(tokens_per_s * per_token.model / 1e12, rel=1e-9)
+        assert record["tflops_causal_per_device"] == pytest.approx(tokens_per_s * per_token.model_causal / 1e12,
+                                                                   rel=1e-9)
+        assert record["hardware_tflops_per_device"] == record["tflops_per_device"]     # no recomputation
+        assert 0 < record["mfu_causal"] < record["mfu"] < 1
+        assert record["mfu_causal"] / record["mfu"] == pytest.approx(per_token.model_causal / per_token.model)
     out = capsys.readouterr().out
-    assert "TFLOP/s/device | MFU" in out and "against" in out and "measured float32 matmul" in out
+    assert "TFLOP/s/device | MFU" in out and "(causal-halved " in out and "measured float32 matmul" in out
+    assert "counts half as Megatron does" in out
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(tiny_corpus, tmp_path, capsys):
