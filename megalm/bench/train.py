@@ -15,7 +15,7 @@ import torch
 
 from megalm.bench.harness import Timing, figure, measured_matmul_flops, save_plot, steady, write_result
 from megalm.config import Config, load_config, resolve
-from megalm.flops import flops_per_token
+from megalm.flops import flops_per_token, mfu
 
 
 def _device() -> torch.device:
@@ -142,13 +142,12 @@ def main(argv=None) -> int:
               "figures": {}}
     for name, timing in rows.items():
         rate = tokens / timing.median_s
-        flops = rate * per_token.model
+        flops, causal = rate * per_token.model, mfu(rate, per_token, peak, causal=True)
         report["rows"][name] = {"seconds_per_step": timing.median_s, "spread": timing.spread, "tokens_per_s": rate,
-                                "tflops": flops / 1e12, "mfu": flops / peak,
-                                "mfu_causal": rate * per_token.model_causal / peak}
+                                "tflops": flops / 1e12, "mfu": flops / peak, "mfu_causal": causal}
         report["figures"][f"{name} tokens/s"] = figure(rate, timing.spread, "higher")
         print(f"{name:28s} {timing.median_s:8.3f} {timing.spread:7.1%} {rate:10,.0f} {flops / 1e12:8.4f} "
-              f"{flops / peak:6.1%} {rate * per_token.model_causal / peak:10.1%}")
+              f"{flops / peak:6.1%} {causal:10.1%}")
     for tp, c in comm.items():
         print(f"tp={tp}: tensor-parallel elements per rank per step: counted {c['tp_elements_counted']:,.0f}, formula "
               f"{c['tp_elements_formula']:,.0f} (plus {c['all_elements_counted'] - c['tp_elements_counted']:,.0f} "

@@ -9,6 +9,8 @@ import math
 import time
 from pathlib import Path
 
+from megalm.flops import mfu
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0,
@@ -82,7 +84,7 @@ class MetricsLogger:
         out = {"tflops_per_device": n * f.model / 1e12, "tflops_causal_per_device": n * f.model_causal / 1e12,
                "hardware_tflops_per_device": n * f.hardware / 1e12}
         if self.peak_flops:
-            out.update(mfu=n * f.model / self.peak_flops, mfu_causal=n * f.model_causal / self.peak_flops,
+            out.update(mfu=mfu(n, f, self.peak_flops), mfu_causal=mfu(n, f, self.peak_flops, causal=True),
                        hfu=n * f.hardware / self.peak_flops)
         return out
 
