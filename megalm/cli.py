@@ -9,6 +9,7 @@
     megalm checkpoint list RUN_DIR                                  each checkpoint: committed, verified, damaged
     megalm bench kernels|bubble|train|memory|convert ...            benchmarks, each beside its baseline
     megalm bench compare NEW.json OLD.json                          the regression gate (exit 1 when worse)
+    megalm plan --config FILE --gpus N --gpu-memory 80GB         layouts that fit: memory per rank, step time
     megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS = {
     "generate": "megalm.generate",
     "convert": "megalm.checkpoint.convert",
     "checkpoint": "megalm.checkpoint.listing",
+    "plan": "megalm.bench.plan",
 }
 BENCHES = {
     "kernels": "megalm.bench.kernels",

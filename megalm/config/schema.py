@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_args, get_origin, get_type_hints
@@ -334,7 +335,7 @@ class Config(_Freezable):
         names = {f.name for f in fields(obj)}
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r}{_suggest(key, names, section + '.')}")
-        hint = get_type_hints(type(obj))[key]
+        hint = _type_hints(type(obj))[key]
         setattr(obj, key, _coerce(dotted, value, hint))
         if explicit:
             self._explicit.add(dotted)
@@ -394,6 +395,12 @@ class Config(_Freezable):
 
     def grad_accumulation_steps(self, dp: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(section_class: type) -> dict:
+    """A section's field types, resolved once (get_type_hints re-evaluates every annotation on each call)."""
+    return get_type_hints(section_class)
 
 
 def _suggest(word: str, candidates, prefix: str = "") -> str:

@@ -1,0 +1,262 @@
+"""``megalm plan --config FILE --gpus N --gpu-memory 80GB``: every layout the rule book accepts, its memory per rank
+and estimated step time, ranked; and why each other layout fails (the rule, or memory: by how much).
+
+Memory per rank (the first pipeline stage, the fullest; the last when its LM head weighs more):
+  - model states: parameters counted exactly on the meta device at the rank's tensor-parallel shard, times the
+    bytes of ZeRO's formulas (mixed precision: 2 + 2 + 12 bytes per parameter, divided by dp as the stage says;
+    fp32: 4 + 4 + 8);
+  - activations: Korthikanti et al. per layer and micro-batch, with a fused attention kernel (no s^2 term):
+    s b h (10 + 24/t) bytes without sequence parallelism, 34 s b h / t with it, 2 s b h (/t with SP) under full
+    recomputation; fp32 doubles them; the first stage holds min(pp, micro-batches) of them under 1F1B, times
+    1 + (p-1)/(p v) interleaved; plus the fp32 logits and their gradient on the last stage.
+Step time: hardware FLOPs at ``--efficiency`` of the device's peak, the pipeline bubble (p-1)/(v m), and the
+tensor-, pipeline- and data-parallel traffic at the given bandwidths, with no overlap (an upper bound).
+Not yet modelled (stated, not guessed): DeepSpeed's communication buckets and kernel workspaces, and a measured
+calibration of the efficiency and bandwidths.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from dataclasses import dataclass
+
+from megalm.config import Config, ConfigError, ModelConfig, load_config
+from megalm.config.rules import validate
+from megalm.flops import flops_per_token
+
+GIB = 1024 ** 3
+SEARCH = {"tp": (1, 2, 4, 8), "virtual_stages": (1, 2, 4), "zero_stage": (0, 1, 2, 3),
+          "sequence_parallel": (False, True), "activation_checkpointing": ("none", "selective", "full"),
+          "micro_batch_size": (1, 2, 4)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    virtual_stages: int
+    zero_stage: int
+    sequence_parallel: bool
+    activation_checkpointing: str
+    micro_batch_size: int
+
+    def label(self) -> str:
+        return (f"tp{self.tp} pp{self.pp}" + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else "")
+                + f" dp{self.dp} zero{self.zero_stage}" + (" sp" if self.sequence_parallel else "")
+                + f" rc={self.activation_checkpointing} mb{self.micro_batch_size}")
+
+
+def parameters_per_rank(model: ModelConfig, tp: int) -> tuple[int, int, int]:
+    """(first-stage extras, one block, last-stage extras): parameter counts on one tensor-parallel rank, from the
+    real modules built on the meta device (so every model feature is counted as megalm builds it)."""
+    key = (repr(model), tp)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_parameters(model, tp)
+    return _COUNTS[key]
+
+
+_COUNTS: dict = {}
+
+
+def _count_parameters(model: ModelConfig, tp: int) -> tuple[int, int, int]:
+    import torch
+
+    from megalm.model.transformer import Block, ModelChunk, reference_ops
+    from megalm.parallel.topology import TensorParallel
+
+    shard = TensorParallel(size=tp)
+    with torch.device("meta"):
+        first = ModelChunk(model, shard, [], True, False)
+        last = ModelChunk(model, shard, [], False, True)
+        block = Block(model, shard, reference_ops())
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+    return count(first), count(block), count(last)
+
+
+def shared_embedding(model: ModelConfig, tp: int) -> int:
+    """The embedding a tied LM head reuses: counted once when the first and last stage are one rank."""
+    return model.vocab_size // tp * model.hidden_size if model.tie_embeddings else 0
+
+
+def state_bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> float:
+    """ZeRO's model states per parameter: weights, gradients, optimizer (fp32 master + Adam moments)."""
+    weights, grads, optimizer = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    if zero_stage >= 1:
+        optimizer /= dp
+    if zero_stage >= 2:
+        grads /= dp
+    if zero_stage >= 3:
+        weights /= dp
+    return weights + grads + optimizer
+
+
+def activation_bytes(cfg: Config, lay: Layout, micro_batches: int) -> tuple[float, float]:
+    """(first stage, last stage) activation bytes at the peak of the schedule."""
+    m, s, b, t = cfg.model, cfg.data.seq_len, lay.micro_batch_size, lay.tp
+    sbh = s * b * m.hidden_size
+    if lay.activation_checkpointing == "full":
+        per_layer = 2 * sbh / (t if lay.sequence_parallel else 1)
+    elif lay.sequence_parallel:
+        per_layer = 34 * sbh / t
+    else:
+        per_layer = sbh * (10 + 24 / t)
+    scale = 2.0 if cfg.train.precision == "fp32" else 1.0
+    in_flight = min(lay.pp, micro_batches)
+    if lay.virtual_stages > 1:
+        in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.virtual_stages)
+    layers = m.num_layers / lay.pp
+    stage = scale * per_layer * layers * in_flight
+    logits = 2 * 4 * s * b * m.vocab_size / t          # fp32 logits and their gradient, vocab-parallel
+    return stage, stage / max(1.0, in_flight) + logits if lay.pp > 1 else stage + logits
+
+
+def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int) -> dict:
+    first_extra, block, last_extra = parameters_per_rank(cfg.model, lay.tp)
+    layers = cfg.model.num_layers // lay.pp
+    per_param = state_bytes_per_parameter(cfg.train.precision, lay.zero_stage, lay.dp)
+    act_first, act_last = activation_bytes(cfg, lay, micro_batches)
+    first_params = first_extra + layers * block + (last_extra - shared_embedding(cfg.model, lay.tp)
+                                                   if lay.pp == 1 else 0)
+    last_params = last_extra + layers * block
+    first = {"parameters": first_params, "states": first_params * per_param, "activations": act_first}
+    last = {"parameters": last_params, "states": last_params * per_param, "activations": act_last}
+    worst = max((first, last), key=lambda d: d["states"] + d["activations"])
+    return {**worst, "total": worst["states"] + worst["activations"]}
+
+
+def step_seconds(cfg: Config, lay: Layout, micro_batches: int, peak: float, efficiency: float,
+                 intra_bw: float, inter_bw: float, gpus_per_node: int, params: int) -> dict:
+    m, s, b = cfg.model, cfg.data.seq_len, lay.micro_batch_size
+    world = lay.tp * lay.pp * lay.dp
+    per_token = flops_per_token(m, s, lay.activation_checkpointing).hardware
+    compute = per_token * cfg.train.global_batch_size * s / world / (peak * efficiency)
+    bubble = compute * (lay.pp - 1) / (lay.virtual_stages * micro_batches)
+    elem = 4 if cfg.train.precision == "fp32" else 2
+    tp_bytes = 8 * b * s * m.hidden_size * (lay.tp - 1) / lay.tp * elem * (m.num_layers / lay.pp) * micro_batches
+    tp_comm = tp_bytes / (intra_bw if lay.tp <= gpus_per_node else inter_bw)
+    pp_comm = 0.0 if lay.pp == 1 else 2 * micro_batches * b * s * m.hidden_size * elem / lay.tp / inter_bw
+    dp_bytes = 2 * (lay.dp - 1) / lay.dp * params * elem * (1.5 if lay.zero_stage == 3 else 1.0)
+    dp_comm = dp_bytes / (intra_bw if world <= gpus_per_node else inter_bw)
+    parts = {"compute_s": compute, "bubble_s": bubble, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
+             "dp_comm_s": dp_comm}
+    return {**parts, "step_s": sum(parts.values())}
+
+
+def layouts(cfg: Config, gpus: int, gpus_per_node: int):
+    """Every combination searched: tp within a node, pp dividing what is left, dp the rest."""
+    for tp in (t for t in SEARCH["tp"] if t <= gpus_per_node and gpus % t == 0):
+        for pp in (p for p in range(1, gpus // tp + 1) if (gpus // tp) % p == 0 and p <= cfg.model.num_layers):
+            for v, z, sp, rc, mb in itertools.product(*(SEARCH[k] for k in ("virtual_stages", "zero_stage",
+                                                                           "sequence_parallel",
+                                                                           "activation_checkpointing",
+                                                                           "micro_batch_size"))):
+                if (sp and tp == 1) or (v > 1 and pp == 1):
+                    continue
+                yield Layout(tp, pp, gpus // (tp * pp), v, z, sp, rc, mb)
+
+
+def apply(base: Config, lay: Layout) -> Config:
+    cfg = base.mutable_copy()
+    for key in ("tp", "pp", "virtual_stages", "zero_stage", "sequence_parallel", "activation_checkpointing"):
+        cfg.set(f"parallel.{key}", getattr(lay, key))
+    cfg.set("parallel.dp", lay.dp)
+    cfg.set("parallel.engine", "deepspeed" if lay.zero_stage else "native")
+    cfg.set("train.micro_batch_size", lay.micro_batch_size)
+    return cfg
+
+
+def plan(base: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, peak: float = 989e12,
+         efficiency: float = 0.45, intra_bw: float = 400e9, inter_bw: float = 50e9) -> dict:
+    """{"fits": [rows ranked by step time], "rejected": {reason: count}, "searched": n}."""
+    fits, rejected, searched = [], {}, 0
+    for lay in layouts(base, gpus, gpus_per_node):
+        searched += 1
+        cfg = apply(base, lay)
+        try:
+            validate(cfg, world_size=gpus, cuda=True)
+        except ConfigError as e:
+            reason = str(e).split("\n")[0]
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        m = cfg.train.global_batch_size // (lay.micro_batch_size * lay.dp)
+        memory = memory_per_rank(cfg, lay, m)
+        if memory["total"] > gpu_memory:
+            over = memory["total"] - gpu_memory
+            key = f"memory: needs more than {gpu_memory / GIB:.0f} GiB per rank"
+            rejected[key] = rejected.get(key, 0) + 1
+            fits.append({"layout": lay, "memory": memory, "over_bytes": over})
+            continue
+        times = step_seconds(cfg, lay, m, peak, efficiency, intra_bw, inter_bw, gpus_per_node,
+                             memory["parameters"])
+        fits.append({"layout": lay, "memory": memory, "time": times, "micro_batches": m})
+    fitting = sorted((r for r in fits if "time" in r), key=lambda r: r["time"]["step_s"])
+    too_big = sorted((r for r in fits if "over_bytes" in r), key=lambda r: r["over_bytes"])
+    return {"fits": fitting, "too_big": too_big, "rejected": rejected, "searched": searched}
+
+
+def _size(text: str) -> float:
+    units = {"gb": GIB, "gib": GIB, "g": GIB, "mb": 1024 ** 2, "mib": 1024 ** 2}
+    low = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if low.endswith(unit):
+            return float(low[: -len(unit)]) * units[unit]
+    return float(low) * GIB
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megalm plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--gpu-memory", default="80GB", help="per device, e.g. 80GB (GiB)")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu", default="H100", help="device name for the datasheet peak (bf16), e.g. H100, A100")
+    ap.add_argument("--efficiency", type=float, default=0.45, help="fraction of peak the matmuls reach")
+    ap.add_argument("--intra-node-gbps", type=float, default=400.0, help="GB/s within a node (NVLink)")
+    ap.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU across nodes")
+    ap.add_argument("--vocab-size", type=int, default=128256, help="used when the config leaves it unset")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", help="result folder (default runs/bench-plan)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    from megalm.bench.harness import datasheet_peak_flops, write_result
+
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ConfigError(f"megalm plan: --gpus {args.gpus} and --gpus-per-node {args.gpus_per_node} must be >= 1")
+    peak = datasheet_peak_flops(args.gpu, "bf16")
+    if peak is None:
+        raise ConfigError(f"megalm plan: --gpu {args.gpu!r} is not in the datasheet table "
+                          "(megalm/bench/harness.py PEAK_TFLOPS); name a listed part such as H100 or A100")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size is None:
+        cfg.set("model.vocab_size", args.vocab_size)
+    started = time.perf_counter()
+    result = plan(cfg, args.gpus, _size(args.gpu_memory), args.gpus_per_node, peak, args.efficiency,
+                  args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
+    print(f"megalm plan: {result['searched']} layouts searched on {args.gpus} x {args.gpu} "
+          f"({args.gpu_memory}, {args.gpus_per_node} per node) in {time.perf_counter() - started:.1f} s; "
+          f"{len(result['fits'])} fit")
+    print(f"{'layout':44s} {'GiB/rank':>8s} {'states':>7s} {'activ.':>7s} {'step s':>7s} {'bubble':>7s} "
+          f"{'comm s':>7s}")
+    for row in result["fits"][: args.top]:
+        mem, t = row["memory"], row["time"]
+        comm = t["tp_comm_s"] + t["pp_comm_s"] + t["dp_comm_s"]
+        print(f"{row['layout'].label():44s} {mem['total'] / GIB:8.1f} {mem['states'] / GIB:7.1f} "
+              f"{mem['activations'] / GIB:7.1f} {t['step_s']:7.2f} {t['bubble_s']:7.2f} {comm:7.2f}")
+    for row in result["too_big"][:3]:
+        print(f"closest that does not fit: {row['layout'].label()}: {row['memory']['total'] / GIB:.1f} GiB, "
+              f"{row['over_bytes'] / GIB:.1f} GiB over")
+    reasons = sorted(result["rejected"].items(), key=lambda kv: -kv[1])
+    print(f"rejected ({sum(result['rejected'].values())} layouts, {len(reasons)} reasons; all in the JSON):")
+    for reason, count in reasons[:12]:
+        print(f"  {count:6d}  {reason}")
+    rows = [{"layout": r["layout"].label(), **{k: v for k, v in r["memory"].items()}, **r["time"]}
+            for r in result["fits"]]
+    path = write_result("plan", {"fits": rows, "rejected": result["rejected"], "searched": result["searched"]},
+                        args.out, context={"config": cfg.to_dict(), "gpus": args.gpus, "gpu": args.gpu,
+                                           "gpu_memory_bytes": _size(args.gpu_memory)})
+    print(f"wrote {path}")
+    return 0 if result["fits"] else 1
