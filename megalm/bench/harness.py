@@ -78,6 +78,11 @@ def steady(fn: Callable[[], object], steps: int, warmup: int = 2, device: torch.
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+    return timing_of(times)
+
+
+def timing_of(times: list[float]) -> Timing:
+    """The median of ``times`` and their spread (interquartile range over the median; the full range under 4)."""
     median = statistics.median(times)
     if len(times) >= 4:
         q = statistics.quantiles(times, n=4)

@@ -1,11 +1,22 @@
-"""``megalm bench train``: training throughput of a config, side by side with baselines measured in the same run.
+"""``megalm bench train --config FILE [overrides]``: training throughput of a config, under any launcher and layout.
 
-Prints tokens/s, TFLOP/s and MFU (against this device's measured matmul peak) for:
-  - megalm's training step (native engine, the config's precision), one process;
-  - a plain PyTorch loop (AdamW) over Hugging Face transformers' model of the same shape, when installed;
-  - megalm at tp = 2 (and more with --tp), spawned on this host, with the tensor-parallel traffic it counted per
-    step beside the formula 8 b s h (t-1)/t per layer and micro-batch (Korthikanti et al. 2022, ring collectives).
-Random tokens, so the data loader is not measured. Results go to --out as JSON and a PNG bar chart.
+Launched like ``megalm train`` (torchrun, deepspeed, srun, mpirun, or one process), it runs the config's own
+training step (engine, tp/pp/dp, ZeRO stage, kernels, recomputation, compile) on random tokens (``--data real``:
+the config's dataset): warm-up, a steady window, then a few breakdown steps. Rank 0 prints and writes, per run:
+  - seconds per step (the slowest rank's) and the window's spread (interquartile range / median), tokens/s in
+    all and per device, model and hardware TFLOP/s per device (the second counts recomputation), MFU with
+    attention's causal score matrix counted in full (PaLM, TorchTitan) and halved (Megatron) against the device's
+    peak (datasheet table on a GPU, a matmul measured now elsewhere), and MFU against the matmul peak measured
+    in this run; peak memory per rank (max and min over ranks);
+  - the time of a step by phase (forward, backward, tensor-, pipeline- and data-parallel communication,
+    optimizer, data), averaged over ranks (``megalm.runtime.phases``; pipeline communication includes the
+    bubble's waits);
+  - in one process, beside it: a plain PyTorch loop over Hugging Face transformers' model of the same shape, and
+    megalm at tp = 2 (``--tp``) spawned on this host with the tensor-parallel traffic it counted per step beside
+    the formula 8 b s h (t-1)/t per layer and micro-batch (Korthikanti et al. 2022).
+``--sweep KEY=V1,V2,...`` measures each value in turn (a layout key must fit the launched world), with a table
+and a plot; ``--profile`` writes a PyTorch profiler trace per rank; ``--compare OLD.json`` runs the regression
+gate after the run. Results: JSON and PNG under --out (default runs/bench-train).
 """
 from __future__ import annotations
 
@@ -14,33 +25,20 @@ import argparse
 import torch
 
 from megalm.bench.harness import Timing, figure, measured_matmul_flops, save_plot, steady, write_result
-from megalm.config import Config, load_config, resolve
+from megalm.bench.train_measure import measure
+from megalm.config import Config, ConfigError, load_config, resolve
 from megalm.flops import flops_per_token, mfu
+from megalm.runtime.phases import PHASES
+
+GIB = 1024 ** 3
 
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def megalm_step_timing(cfg: Config, steps: int, warmup: int) -> Timing:
-    """megalm's training step (native engine, pp = 1) on random tokens, in the current process group."""
-    from megalm.engine import build_engine
-    from megalm.parallel.pipeline.p2p import P2P, activation_shape
-    from megalm.parallel.topology import build_topology
-    from megalm.train.step import train_step
-
-    device = _device()
-    topo = build_topology(cfg.parallel.tp, 1, sequence_parallel=cfg.parallel.sequence_parallel)
-    engine = build_engine(cfg, topo, device)
-    t = cfg.train
-    p2p = P2P(topo, activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size, topo),
-              engine.activation_dtype, device)
-    micro = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1), device=device)
-             for _ in range(t.global_batch_size // (t.micro_batch_size * topo.dp))]
-    return steady(lambda: train_step(engine, p2p, "1f1b", micro, topo, 1e-4, 0), steps, warmup, device)
-
-
 def hf_step_timing(cfg: Config, steps: int, warmup: int) -> Timing | None:
+    """A plain PyTorch loop (AdamW, clipping, autocast) over transformers' model of the same shape."""
     try:
         import transformers
     except ImportError:
@@ -70,92 +68,203 @@ def hf_step_timing(cfg: Config, steps: int, warmup: int) -> Timing | None:
     return steady(step, steps, warmup, device)
 
 
-def _tp_worker(rank, world, cfg_dict, steps, warmup, queue):
+def _tp_worker(rank, world, cfg_dict, steps, warmup, breakdown_steps, queue):
+    from megalm.parallel.parallelize import build_chunks
     from megalm.parallel.tensor.comm import TP_KINDS, CommStats
+    from megalm.runtime import discover, finish, start
 
     cfg = resolve(Config.from_dict(cfg_dict), world)
-    timing = megalm_step_timing(cfg, steps, warmup)
+    rt = start(cfg, discover())
+    result = measure(cfg, rt, steps, warmup, breakdown_steps)
     # Count one step's tensor-parallel traffic on a fresh model (the timing above ran without counting).
-    from megalm.parallel.parallelize import build_chunks
-    from megalm.parallel.topology import build_topology
-
-    topo = build_topology(world, 1, sequence_parallel=cfg.parallel.sequence_parallel)
-    chunk = build_chunks(cfg, topo, torch.device("cpu"))[0]
+    chunk = build_chunks(cfg, rt.topo, torch.device("cpu"))[0]
     chunk.tp.comm = stats = CommStats()
     t = cfg.train
     for _ in range(t.global_batch_size // t.micro_batch_size):
         tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1))
         chunk(tokens[:, :-1], tokens[:, 1:]).backward()
-    queue.put((rank, timing.median_s, timing.spread, float(stats.total(*TP_KINDS)),
-               float(sum(stats.elements.values()))))
+    finish(rt)
+    if rank == 0:
+        queue.put((result, float(stats.total(*TP_KINDS)), float(sum(stats.elements.values()))))
 
 
-def tp_result(cfg: Config, tp: int, steps: int, warmup: int) -> dict:
+def tp_result(cfg: Config, tp: int, steps: int, warmup: int, breakdown_steps: int) -> dict:
     """megalm at tensor-parallel size ``tp``, spawned on this host, and the traffic it counted per step."""
     from megalm.runtime.spawn import run_distributed
 
     queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    cfg_dict = {**cfg.to_dict(), "parallel": {**cfg.to_dict()["parallel"], "tp": tp}}
-    run_distributed(_tp_worker, tp, cfg_dict, steps, warmup, queue, timeout_s=1800)
-    results = sorted(queue.get() for _ in range(tp))
+    cfg_dict = {**cfg.to_dict(), "parallel": {**cfg.to_dict()["parallel"], "tp": tp, "dp": None, "pp": 1}}
+    run_distributed(_tp_worker, tp, cfg_dict, steps, warmup, breakdown_steps, queue, timeout_s=1800)
+    result, tp_elements, all_elements = queue.get()
     t, m = cfg.train, cfg.model
     formula = m.num_layers * 8 * t.global_batch_size * cfg.data.seq_len * m.hidden_size * (tp - 1) / tp
-    slowest = max(results, key=lambda r: r[1])
-    return {"timing": Timing(slowest[1], slowest[2], steps), "tp_elements_counted": results[0][3],
-            "tp_elements_formula": formula, "all_elements_counted": results[0][4]}
+    return {"result": result, "comm": {"tp_elements_counted": tp_elements, "tp_elements_formula": formula,
+                                       "all_elements_counted": all_elements}}
 
 
-def main(argv=None) -> int:
+def layout_label(cfg: Config, world: int) -> str:
+    p = cfg.parallel
+    dp = world // (p.tp * p.pp)
+    parts = [f"tp{p.tp}", f"pp{p.pp}" + (f"v{p.virtual_stages}" if p.virtual_stages > 1 else ""), f"dp{dp}"]
+    if cfg.uses_deepspeed:
+        parts.append(f"zero{p.zero_stage}")
+    if p.sequence_parallel:
+        parts.append("sp")
+    if p.activation_checkpointing != "none":
+        parts.append(f"rc={p.activation_checkpointing}")
+    if getattr(cfg.train, "compile", False):
+        parts.append("compiled")
+    return "megalm " + " ".join(parts)
+
+
+def sweep_points(spec: str | None) -> list[tuple[str, list[str]]]:
+    """``KEY=V1,V2`` -> [("KEY=V1", ["KEY=V1"]), ...]; no sweep -> one point without overrides."""
+    if not spec:
+        return [("", [])]
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values.strip(","):
+        raise ConfigError(f"--sweep {spec!r}: write KEY=V1,V2,... (for example train.micro_batch_size=1,2,4)")
+    return [(f"{key}={v}", [f"{key}={v}"]) for v in values.split(",") if v]
+
+
+def _args(argv):
     ap = argparse.ArgumentParser(prog="megalm bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny", help="a YAML file or a preset name")
     ap.add_argument("--vocab-size", type=int, default=8192, help="used when the config leaves it unset")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="steps in the steady window")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--tp", type=int, nargs="*", default=[2], help="tensor-parallel sizes to run (0 for none)")
+    ap.add_argument("--breakdown-steps", type=int, default=3, help="steps timed phase by phase (0: none)")
+    ap.add_argument("--data", choices=("random", "real"), default="random")
+    ap.add_argument("--tp", type=int, nargs="*", default=[2],
+                    help="in one process: tensor-parallel sizes also spawned on this host (0 for none)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--sweep", metavar="KEY=V1,V2,...", help="measure each value of one config key")
+    ap.add_argument("--profile", action="store_true", help="a profiler trace of the breakdown steps per rank")
     ap.add_argument("--out", help="result folder (default runs/bench-train)")
     ap.add_argument("--compare", metavar="OLD.json", help="an earlier result: the regression gate after this run")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    loaded = load_config(args.config, args.overrides)
-    if loaded.model.vocab_size is None:
-        loaded.set("model.vocab_size", args.vocab_size)
-    cfg = resolve(loaded, 1)
-    device = _device()
-    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = measured_matmul_flops(device, peak_dtype)
+    args = ap.parse_intermixed_args(argv)           # overrides may come before or after the options
+    if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0:
+        raise ConfigError(f"megalm bench train: --steps {args.steps} must be >= 1, --warmup {args.warmup} and "
+                          f"--breakdown-steps {args.breakdown_steps} >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    from megalm.bench.harness import device_peak_flops, output_dir
+    from megalm.parallel.topology import build_topology
+    from megalm.runtime import discover, finish, start
+
+    args = _args(argv)
+    info = discover()
+    points = sweep_points(args.sweep)
+    configs = []
+    for _, overrides in points:              # every point resolved (and refused) before any work starts
+        loaded = load_config(args.config, args.overrides + overrides)
+        if loaded.model.vocab_size is None:
+            loaded.set("model.vocab_size", args.vocab_size)
+        configs.append(resolve(loaded, info.world_size))
+    rt = start(configs[0], info)
+    device = rt.device
+    profile_dir = str(output_dir("train", args.out) / "profile") if args.profile else None
+    runs = {}
+    for (point, _), cfg in zip(points, configs):
+        p = cfg.parallel
+        topo = rt.topo if cfg.parallel == configs[0].parallel else build_topology(p.tp, p.pp, p.dp,
+                                                                                  p.sequence_parallel)
+        name = layout_label(cfg, info.world_size) + (f" {point}" if point else "")
+        runs[name] = (cfg, measure(cfg, rt, args.steps, args.warmup, args.breakdown_steps, args.data,
+                                   profile_dir, topo), info.world_size)
+    comm = {}
+    if info.world_size == 1 and not args.sweep:
+        if not args.no_baseline:
+            hf = hf_step_timing(configs[0], args.steps, args.warmup)
+            if hf is not None:
+                runs["transformers + torch loop"] = (configs[0], {"timing": hf}, 1)
+        for tp in [t for t in args.tp if t > 1]:
+            spawned = tp_result(configs[0], tp, args.steps, args.warmup, args.breakdown_steps)
+            comm[tp] = spawned["comm"]
+            runs[f"megalm tp{tp} spawned"] = (resolve(_with_tp(configs[0], tp), tp), spawned["result"], tp)
+    finish(rt)
+    if info.rank != 0:
+        return 0
+    # Measured now, in a warm process (a cold first matmul on a CPU reads several times slower).
+    measured_peak = measured_matmul_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peak, peak_source = device_peak_flops(device, configs[0].train.precision)
+    if device.type != "cuda":
+        peak, peak_source = measured_peak, f"{peak_source.split(' matmul')[0]} matmul, this run"
+    return report(args, runs, comm, device, info.world_size, peak, peak_source, measured_peak, profile_dir)
+
+
+def _with_tp(cfg: Config, tp: int) -> Config:
+    out = cfg.mutable_copy()
+    out.set("parallel.tp", tp)
+    out.set("parallel.dp", None)
+    return out
+
+
+def row_of(cfg: Config, result: dict, devices: int, peak: float, measured_peak: float) -> dict:
+    """One run's figures on ``devices`` devices: rates, FLOPs, MFU both ways, memory, breakdown fractions."""
+    timing = result["timing"]
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing)
-    rows = {"megalm tp=1": megalm_step_timing(cfg, args.steps, args.warmup)}
-    hf = hf_step_timing(cfg, args.steps, args.warmup)
-    if hf is not None:
-        rows["transformers + torch loop"] = hf
-    comm = {}
-    for tp in [t for t in args.tp if t > 1]:
-        comm[tp] = tp_result(loaded, tp, args.steps, args.warmup)
-        rows[f"megalm tp={tp}"] = comm[tp].pop("timing")
-    print(f"device {device} ({torch.get_num_threads()} threads), measured matmul peak {peak / 1e12:.3f} TFLOP/s "
-          f"({str(peak_dtype).replace('torch.', '')}); {tokens} tokens/step; {per_token.model / 1e6:.2f} MFLOP/token")
-    print("MFU counts attention's causal score matrix in full (PaLM, TorchTitan); MFU-causal counts half (Megatron)")
-    print(f"{'run':28s} {'s/step':>8s} {'spread':>7s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
-          f"{'MFU-causal':>10s}")
-    report = {"device": str(device), "peak_flops": peak, "tokens_per_step": tokens, "rows": {}, "tp_comm": comm,
-              "figures": {}}
-    for name, timing in rows.items():
-        rate = tokens / timing.median_s
-        flops, causal = rate * per_token.model, mfu(rate, per_token, peak, causal=True)
-        report["rows"][name] = {"seconds_per_step": timing.median_s, "spread": timing.spread, "tokens_per_s": rate,
-                                "tflops": flops / 1e12, "mfu": flops / peak, "mfu_causal": causal}
-        report["figures"][f"{name} tokens/s"] = figure(rate, timing.spread, "higher")
-        print(f"{name:28s} {timing.median_s:8.3f} {timing.spread:7.1%} {rate:10,.0f} {flops / 1e12:8.4f} "
-              f"{flops / peak:6.1%} {causal:10.1%}")
+    rate = tokens / timing.median_s
+    per_device = rate / devices
+    row = {"seconds_per_step": timing.median_s, "spread": timing.spread, "steps": timing.calls,
+           "devices": devices, "tokens_per_s": rate, "tokens_per_s_per_device": per_device,
+           "tflops_per_device": per_device * per_token.model / 1e12,
+           "hardware_tflops_per_device": per_device * per_token.hardware / 1e12,
+           "mfu": mfu(per_device, per_token, peak), "mfu_causal": mfu(per_device, per_token, peak, causal=True),
+           "mfu_measured_peak": mfu(per_device, per_token, measured_peak)}
+    for key in ("peak_memory_max", "peak_memory_min", "loss_first", "loss_last"):
+        if result.get(key) is not None:
+            row[key] = result[key]
+    if result.get("breakdown"):
+        b = result["breakdown"]
+        row["breakdown_s"] = b
+        row["breakdown_fraction"] = {k: v / b["step"] for k, v in b.items() if k != "step"}
+    return row
+
+
+def report(args, runs, comm, device, world, peak, peak_source, measured_peak, profile_dir) -> int:
+    rows = {name: row_of(cfg, result, devices, peak, measured_peak) for name, (cfg, result, devices) in runs.items()}
+    first = next(iter(runs.values()))[0]
+    per_token = flops_per_token(first.model, first.data.seq_len, first.parallel.activation_checkpointing)
+    print(f"device {device} x {world} ({torch.get_num_threads()} threads/rank); peak {peak / 1e12:.4g} TFLOP/s "
+          f"({peak_source}); matmul measured now {measured_peak / 1e12:.4g} TFLOP/s; "
+          f"{first.train.global_batch_size * first.data.seq_len} tokens/step; {per_token.model / 1e6:.2f} "
+          f"MFLOP/token")
+    print("MFU counts attention's causal score matrix in full (PaLM, TorchTitan); MFU-causal counts half (Megatron); "
+          "MFU-meas. is against the matmul measured now; spread = interquartile range / median of the window")
+    print(f"{'run':36s} {'s/step':>8s} {'spread':>7s} {'tokens/s':>10s} {'tok/s/dev':>9s} {'TFLOP/s':>8s} "
+          f"{'HW TF/s':>8s} {'MFU':>6s} {'MFU-c':>6s} {'MFU-meas':>8s} {'peak GiB':>8s}")
+    for name, r in rows.items():
+        memory = f"{r['peak_memory_max'] / GIB:8.2f}" if "peak_memory_max" in r else f"{'-':>8s}"
+        print(f"{name:36s} {r['seconds_per_step']:8.3f} {r['spread']:7.1%} {r['tokens_per_s']:10,.0f} "
+              f"{r['tokens_per_s_per_device']:9,.0f} {r['tflops_per_device']:8.4f} "
+              f"{r['hardware_tflops_per_device']:8.4f} {r['mfu']:6.1%} {r['mfu_causal']:6.1%} "
+              f"{r['mfu_measured_peak']:8.1%} {memory}")
+    for name, r in rows.items():
+        if "breakdown_fraction" in r:
+            parts = ", ".join(f"{k} {v:.0%}" for k, v in r["breakdown_fraction"].items() if v >= 0.005)
+            print(f"{name}: step by phase ({r['breakdown_s']['step']:.3f} s, mean over ranks, "
+                  f"{args.breakdown_steps} steps): {parts}")
     for tp, c in comm.items():
         print(f"tp={tp}: tensor-parallel elements per rank per step: counted {c['tp_elements_counted']:,.0f}, formula "
               f"{c['tp_elements_formula']:,.0f} (plus {c['all_elements_counted'] - c['tp_elements_counted']:,.0f} "
               f"in embedding, LM head, loss and replicated-gradient reductions)")
-    path = write_result("train", report, args.out, context={"config": cfg.to_dict(), "steps": args.steps,
-                                                             "warmup": args.warmup}, device=device)
-    plot = save_plot(lambda fig, ax: _draw(ax, report), path.with_suffix(".png"))
+    result = {"device": str(device), "world_size": world, "peak_flops": peak, "peak_source": peak_source,
+              "measured_peak_flops": measured_peak, "rows": rows, "tp_comm": comm, "sweep": args.sweep,
+              "figures": {f"{name} tokens/s": figure(r["tokens_per_s"], r["spread"], "higher")
+                          for name, r in rows.items()}}
+    path = write_result("train", result, args.out, context={"config": first.to_dict(), "steps": args.steps,
+                                                             "warmup": args.warmup, "data": args.data},
+                        device=device)
+    plot = save_plot(lambda fig, axes: _draw(axes, result), path.with_suffix(".png"), figsize=(11, 3.8), ncols=2)
     print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    if profile_dir:
+        print(f"profiler traces: {profile_dir}/trace_rank*.json (open in https://ui.perfetto.dev or "
+              f"chrome://tracing)")
     if args.compare:
         from megalm.bench.compare import main as compare
 
@@ -163,8 +272,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def _draw(ax, report: dict) -> None:
-    names = list(report["rows"])
-    ax.barh(names, [report["rows"][n]["tokens_per_s"] for n in names])
-    ax.set_xlabel("tokens/s")
-    ax.set_title(f"training throughput on {report['device']}")
+def _draw(axes, result: dict) -> None:
+    rows = result["rows"]
+    names = list(rows)
+    left, right = axes
+    if result["sweep"]:
+        key = result["sweep"].partition("=")[0]
+        values = [n.rpartition("=")[2] for n in names]
+        left.plot(values, [rows[n]["tokens_per_s"] for n in names], "o-")
+        left.set_xlabel(key)
+        left.set_ylabel("tokens/s")
+        right.plot(values, [rows[n].get("loss_last", float("nan")) for n in names], "o-")
+        right.set_xlabel(key)
+        right.set_ylabel("loss at the end of the window")
+    else:
+        left.barh(names, [rows[n]["tokens_per_s"] for n in names])
+        left.set_xlabel("tokens/s")
+        timed = [n for n in names if "breakdown_fraction" in rows[n]]
+        base = [0.0] * len(timed)
+        for phase in (*PHASES, "other"):
+            widths = [rows[n]["breakdown_fraction"].get(phase, 0.0) for n in timed]
+            right.barh(timed, widths, left=base, label=phase)
+            base = [b + w for b, w in zip(base, widths)]
+        right.set_xlabel("share of a step")
+        right.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    left.set_title(f"training throughput on {result['device']} x {result['world_size']}")

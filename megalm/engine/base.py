@@ -28,6 +28,8 @@ class Engine(ABC):
     """The rank's ``Topology``."""
     activation_dtype: torch.dtype = torch.float32
     """The dtype of the messages between pipeline stages (the precision policy: ``megalm.engine.precision``)."""
+    phases = None
+    """A ``megalm.runtime.phases.PhaseClock`` timing ``step`` (data-parallel reduction, optimizer); None: off."""
 
     @abstractmethod
     def forward(self, chunk: int, x, targets=None):

@@ -14,6 +14,7 @@ from megalm.engine.precision import activation_dtype, autocast_for
 from megalm.parallel.pipeline.stage import sum_tied_gradients
 from megalm.parallel.shard import counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.topology import Topology
+from megalm.runtime.phases import timed
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
@@ -64,8 +65,13 @@ class NativeEngine(Engine):
     def step(self, lr: float) -> float:
         """Reduce gradients, clip, update, zero. Returns the global gradient norm before clipping; under fp16,
         inf when some rank's gradients overflowed (every rank then skips the update and lowers the scale)."""
-        sum_tied_gradients(tied_embedding_params(self.chunks, self.topo.pp), self.topo)
-        self._all_reduce_data_parallel()
+        with timed(self.phases, "dp_comm"):
+            sum_tied_gradients(tied_embedding_params(self.chunks, self.topo.pp), self.topo)
+            self._all_reduce_data_parallel()
+        with timed(self.phases, "optimizer"):
+            return self._clip_and_update(lr)
+
+    def _clip_and_update(self, lr: float) -> float:
         if self.scaler:
             overflow = self.scaler.unscale_and_check([p.grad for p in self.params() if p.grad is not None],
                                                      self.device)

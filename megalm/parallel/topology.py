@@ -22,6 +22,7 @@ class TensorParallel:
     rank: int = 0
     sequence_parallel: bool = False
     comm: object = None  # a megalm.parallel.tensor.comm.CommStats counting elements moved; None = not counting
+    phases: object = None  # a megalm.runtime.phases.PhaseClock timing the collectives; None = not timing
 
     @property
     def enabled(self) -> bool:

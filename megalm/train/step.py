@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from megalm.parallel.pipeline.schedules import SCHEDULES
 from megalm.parallel.topology import Topology
+from megalm.runtime.phases import timed
 
 
 class NonFiniteLoss(RuntimeError):
@@ -19,20 +20,22 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
-def _callbacks(engine, p2p, micro_batches, poison: bool = False):
+def _callbacks(engine, p2p, micro_batches, poison: bool = False, phases=None):
     m = len(micro_batches)
 
     def forward_step(chunk, i, x):
         tokens = micro_batches[i]
         inputs = tokens[:, :-1] if p2p.is_first(chunk) else x
         targets = tokens[:, 1:] if p2p.is_last(chunk) else None
-        out = engine.forward(chunk, inputs, targets)
+        with timed(phases, "forward", f"micro-batch {i} chunk {chunk}"):
+            out = engine.forward(chunk, inputs, targets)
         if poison and p2p.is_last(chunk):            # MEGALM_FAULTS nan: a planted NaN
             out = out * float("nan")
         return out / m if p2p.is_last(chunk) else out
 
     def backward_step(chunk, i, x, out, out_grad):
-        engine.backward(chunk, out, out_grad)
+        with timed(phases, "backward", f"micro-batch {i} chunk {chunk}"):
+            engine.backward(chunk, out, out_grad)
         return None if x is None else x.grad
 
     return forward_step, backward_step
@@ -50,12 +53,14 @@ def global_mean(value: float, topo: Topology, device) -> float:
 
 
 def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int,
-               clock: dict | None = None, on_non_finite: str = "stop", poison: bool = False):
+               clock: dict | None = None, on_non_finite: str = "stop", poison: bool = False, phases=None):
     """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm);
     a non-finite loss (agreed over all ranks) raises NonFiniteLoss, or under ``on_non_finite="skip"`` drops the
     gradients and returns (loss, nan) with no optimizer step. ``clock``: receives ``schedule_done``
-    (perf_counter), the end of this rank's own work before the first data-parallel collective."""
-    fwd, bwd = _callbacks(engine, p2p, micro_batches, poison)
+    (perf_counter), the end of this rank's own work before the first data-parallel collective. ``phases``: a
+    ``megalm.runtime.phases.PhaseClock`` timing forward and backward per micro-batch (the engine, the P2P and the
+    tensor-parallel handle take theirs as attributes)."""
+    fwd, bwd = _callbacks(engine, p2p, micro_batches, poison, phases)
     losses = SCHEDULES[schedule](p2p, len(micro_batches), len(engine.chunks), fwd, bwd)
     if clock is not None:
         clock["schedule_done"] = time.perf_counter()

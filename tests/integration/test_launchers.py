@@ -106,3 +106,34 @@ def test_torchrun_deepspeed_zero3(tiny_corpus, tmp_path):
     proc = launch("torchrun.sh", [str(ROOT / "configs/tiny.yaml")] + args, env)
     assert "world 2 = tp 1 x pp 1 x dp 2" in proc.stdout and "engine deepspeed zero-3" in proc.stdout, proc.stdout
     assert_trained(tmp_path)
+
+
+BENCH = ["bench", "train", "--steps", "3", "--warmup", "1", "--breakdown-steps", "2", "model.num_layers=2",
+         "model.hidden_size=64", "model.num_heads=4", "data.seq_len=64", "model.max_seq_len=64",
+         "train.micro_batch_size=2", "train.global_batch_size=8", "model.vocab_size=512"]
+
+
+def bench_rows(folder) -> dict:
+    import json
+
+    result = json.loads((folder / "bench_train.json").read_text())["results"]
+    assert result["world_size"] == 2
+    return result["rows"]
+
+
+def test_bench_train_under_torchrun_at_pp2(tmp_path):
+    """The config's own pipeline step on 2 ranks: the bubble's waits show as pipeline communication."""
+    out = megalm(BENCH + ["--out", str(tmp_path), "parallel.pp=2"], nproc=2)
+    row = bench_rows(tmp_path)["megalm tp1 pp2 dp1"]
+    assert row["devices"] == 2 and row["tokens_per_s_per_device"] == row["tokens_per_s"] / 2
+    assert row["breakdown_fraction"]["pp_comm"] > 0 and row["peak_memory_min"] > 0
+    assert "step by phase" in out
+
+
+def test_bench_train_under_the_deepspeed_launcher_at_zero1(tmp_path):
+    cmd = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "megalm"] + BENCH + ["--out", str(tmp_path), "parallel.zero_stage=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = bench_rows(tmp_path)["megalm tp1 pp1 dp2 zero1"]
+    assert row["devices"] == 2 and row["breakdown_fraction"]["optimizer"] > 0

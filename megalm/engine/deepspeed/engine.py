@@ -30,6 +30,7 @@ from megalm.engine.optim import build_optimizer, optimizer_step_count
 from megalm.engine.precision import activation_dtype
 from megalm.parallel.shard import counts_in_norm, is_tied_copy, tied_embedding_params
 from megalm.parallel.topology import Topology
+from megalm.runtime.phases import timed
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 # where DeepSpeed 0.19 keeps gradients besides .grad: ZeRO-1/2 partitions at the boundary, ZeRO-2 during
@@ -137,12 +138,14 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"DeepSpeedEngine.step after {self._backwards} backward passes; expected "
                                f"{self.backwards_per_step} (micro-batches x chunks) per optimizer step")
         self._backwards = 0
-        self._gather_tied_gradients()
-        own_norm = self._fp32_stage0_norm()
-        for group in self.torch_optimizer.param_groups:
-            group["lr"] = lr
-        self.ds.step()
-        self._copy_tied_weights()
+        with timed(self.phases, "dp_comm", "tied embedding sum"):
+            self._gather_tied_gradients()
+        with timed(self.phases, "optimizer", "deepspeed step"):   # its data-parallel reduction ran in backward
+            own_norm = self._fp32_stage0_norm()
+            for group in self.torch_optimizer.param_groups:
+                group["lr"] = lr
+            self.ds.step()
+            self._copy_tied_weights()
         norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
         return float(norm)
 

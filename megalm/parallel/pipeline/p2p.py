@@ -26,6 +26,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from megalm.runtime.phases import timed
+
 FORWARD_TAG, BACKWARD_TAG = 0, 1
 
 
@@ -51,6 +53,7 @@ class P2P:
         self._pending = []   # (work, tensor): posted sends, tensor kept alive until the send completes
         self._expected, self._ahead = {}, {}   # per tag: receives still to post; the receive posted ahead
         self.wait_s = 0.0    # time blocked in receives and flush, for ScheduleStats
+        self.phases = None   # a megalm.runtime.phases.PhaseClock timing sends, receives and waits; None = not timing
 
     def is_first(self, chunk: int) -> bool:
         """Virtual stage 0: reads its own micro-batch, receives no activation, sends no gradient."""
@@ -84,8 +87,9 @@ class P2P:
     def flush(self) -> None:
         """Wait for every posted send (end of a schedule: buffers may be reused after this)."""
         t0 = time.perf_counter()
-        for work, _ in self._pending:
-            work.wait()
+        with timed(self.phases if self._pending else None, "pp_comm", "flush"):
+            for work, _ in self._pending:
+                work.wait()
         self._pending.clear()
         self.wait_s += time.perf_counter() - t0
         if self._ahead or any(self._expected.values()):
@@ -107,6 +111,12 @@ class P2P:
 
     def _exchange(self, sends=(), recvs=()):
         """Post the sends and receives as one batch; wait for the receives only. Returns received tensors."""
+        if all(m is None for m in (*sends, *recvs)):          # the first or last stage: no neighbour that way
+            return self._post_and_wait(sends, recvs)
+        with timed(self.phases, "pp_comm"):
+            return self._post_and_wait(sends, recvs)
+
+    def _post_and_wait(self, sends, recvs):
         ops, out, waits, received = [], [None] * len(recvs), [], []
         for send in sends:
             if send is None:

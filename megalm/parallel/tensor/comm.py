@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.parallel.topology import TensorParallel
+from megalm.runtime.phases import timed
 
 # Kinds that carry the activations of the column->row pairs; other kinds ("embedding", "cross_entropy",
 # "replicated_grad", or whatever a layer was labelled) are counted apart from the per-layer formula.
@@ -81,7 +82,8 @@ def all_reduce(x: torch.Tensor, tp: TensorParallel, kind: str | None = None,
     if tp.size == 1:
         return x
     out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=op, group=tp.group)
+    with timed(tp.phases, "tp_comm", kind or "all_reduce"):
+        dist.all_reduce(out, op=op, group=tp.group)
     _count(tp, kind or "all_reduce", 2, x.numel(), x)
     return out
 
@@ -92,7 +94,8 @@ def all_gather(x: torch.Tensor, tp: TensorParallel, dim: int, kind: str | None =
         return x
     x = x.contiguous()
     out = x.new_empty(tp.size * x.numel())                 # flat: every backend takes 1-D concatenation
-    _all_gather_single(out, x.view(-1), group=tp.group)
+    with timed(tp.phases, "tp_comm", kind or "all_gather"):
+        _all_gather_single(out, x.view(-1), group=tp.group)
     out = out.view(tp.size, *x.shape)                       # rank r's piece at out[r]
     _count(tp, kind or "all_gather", 1, out.numel(), x)
     dim = dim % x.dim()
@@ -108,7 +111,8 @@ def reduce_scatter(x: torch.Tensor, tp: TensorParallel, dim: int, kind: str | No
     chunks = _chunks(x, tp, dim)
     inp = torch.stack(chunks)                               # (t, *chunk.shape): chunk r goes to rank r
     out = x.new_empty(chunks[0].shape)
-    _reduce_scatter_single(out.view(-1), inp.view(-1), group=tp.group)
+    with timed(tp.phases, "tp_comm", kind or "reduce_scatter"):
+        _reduce_scatter_single(out.view(-1), inp.view(-1), group=tp.group)
     _count(tp, kind or "reduce_scatter", 1, x.numel(), x)
     return out
 
