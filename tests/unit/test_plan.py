@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from megalm.bench.plan import (GIB, Layout, main, parameters_per_rank, plan, shared_embedding,
-                               state_bytes_per_parameter)
+from megalm.bench.plan import GIB, Layout, main, parameters_per_rank, plan, shared_embedding, state_bytes_per_parameter
 from megalm.config import ConfigError, ModelConfig, load_config
 
 
