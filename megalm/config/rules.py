@@ -7,6 +7,7 @@ and every rank evaluates it on the same numbers, so all ranks fail together befo
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
@@ -353,6 +354,15 @@ def check_data(cfg: Config) -> None:
                           f"other; put {cfg.data.prefix} into the blend or drop data.prefix")
 
 
+def check_logging(cfg: Config) -> None:
+    if cfg.logging.wandb is not None:
+        if not str(cfg.logging.wandb).strip():
+            raise ConfigError("logging.wandb is empty: give a Weights & Biases project name, or leave it unset")
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"logging.wandb={cfg.logging.wandb} needs the wandb package, which is not installed "
+                              f"here: pip install wandb (or unset logging.wandb)")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> None:
     """Every rule, in order; ``world_size`` None checks the layout against parallel.dp (or 1)."""
     check_choices_and_ranges(cfg)
@@ -361,6 +371,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, cuda: Optional[bool]
     check_pipeline(cfg, cuda)
     check_batch(cfg, world_size)
     check_engine(cfg)
+    check_logging(cfg)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:

@@ -270,6 +270,9 @@ class LoggingConfig(_Freezable):
     """Write TensorBoard events when tensorboard is installed."""
     plot: bool = True
     """Write loss_curve.png into the run dir at the end."""
+    wandb: Optional[str] = None
+    """A Weights & Biases project to send the metrics to as well (every metrics.jsonl number; the run is named
+    after train.run_dir and a rerun resumes the same W&B run; WANDB_MODE=offline writes locally). None: off."""
 
 
 @dataclass

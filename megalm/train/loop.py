@@ -99,7 +99,7 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing)
     peak, peak_source = device_peak_flops(rt.device, t.precision) if rt.is_logging_rank else (0.0, "")
     log = MetricsLogger(t.run_dir, rt.is_logging_rank, cfg.logging.tensorboard, t.steps, per_token,
-                        rt.topo.world_size, peak)
+                        rt.topo.world_size, peak, cfg.logging.wandb, cfg.to_dict())
     if rt.is_logging_rank:
         _announce(cfg, rt, engine, step, reader.folder if reader else None)
         print(f"MFU: model FLOPs (6N + attention; 'MFU' counts the causal score matrix in full as PaLM and TorchTitan "

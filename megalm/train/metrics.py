@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from pathlib import Path
 
@@ -14,18 +15,22 @@ from megalm.flops import mfu
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0,
-                 flops=None, devices: int = 1, peak_flops: float = 0.0):
+                 flops=None, devices: int = 1, peak_flops: float = 0.0, wandb_project: str | None = None,
+                 run_config: dict | None = None):
         """``flops``: megalm.flops.FlopsPerToken; with ``devices`` and the device's ``peak_flops`` it gives each
-        step's TFLOP/s per device (model and hardware) and MFU in both attention conventions."""
+        step's TFLOP/s per device (model and hardware) and MFU in both attention conventions. ``wandb_project``:
+        also send every record to Weights & Biases (``run_config`` as the run's config)."""
         self.enabled, self.total_steps = enabled, total_steps
         self.flops, self.devices, self.peak_flops = flops, devices, peak_flops
         self.run_dir = Path(run_dir)
         self.start_time, self.start_step = time.perf_counter(), None
-        self.writer, self.last_loss = None, None
+        self.writer, self.last_loss, self.wandb = None, None, None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if wandb_project:
+            self.wandb = start_wandb(wandb_project, self.run_dir, run_config or {})
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +48,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(_numbers(record), step=record.get("step", 0))
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -112,6 +119,33 @@ class MetricsLogger:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def start_wandb(project: str, run_dir: Path, config: dict):
+    """A W&B run named after the run directory; its id is kept there (RUN_DIR/wandb_id), so a rerun that resumes
+    training resumes the same W&B run. Offline (WANDB_MODE=offline) it writes under RUN_DIR/wandb."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=config)
+
+
+def _numbers(record: dict) -> dict:
+    """The numbers of a record for W&B, a nested mapping flattened one level (samples_per_source/NAME)."""
+    out = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            out[key] = value
+    return out
 
 
 def _fmt(seconds: float) -> str:

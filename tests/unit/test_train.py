@@ -53,8 +53,8 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_cor
 
     real, calls = step_module._callbacks, []
 
-    def planted(engine, p2p, micro_batches, poison=False):   # micro-batch 1 of step 3 (2 per step) is NaN
-        forward, backward = real(engine, p2p, micro_batches, poison)
+    def planted(engine, p2p, micro_batches, poison=False, phases=None):   # micro-batch 1 of step 3 is NaN
+        forward, backward = real(engine, p2p, micro_batches, poison, phases)
 
         def forward_with_nan(chunk, i, x):
             out = forward(chunk, i, x)
