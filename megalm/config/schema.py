@@ -210,6 +210,11 @@ class TrainConfig(_Freezable):
     the log and metrics.jsonl as loss_spike); 0: never."""
     loss_spike_window: int = 50
     """Steps of the window train.loss_spike_factor compares against (flags start once it is full)."""
+    compile: bool = False
+    """Compile each Transformer block with torch.compile (in place, so parameter names and checkpoints are
+    unchanged), as TorchTitan does; tensor-parallel collectives run eagerly between the compiled regions. Composes
+    with tensor and pipeline parallelism, activation checkpointing and ZeRO 0-3 (equal losses to eager, tested).
+    The first steps pay the compilation (on a CPU a C++ compiler is needed)."""
 
 
 @dataclass

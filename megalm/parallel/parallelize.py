@@ -35,5 +35,15 @@ def build_chunks(cfg: Config, topo: Topology, device: torch.device, init: bool =
                            cfg.parallel.activation_checkpointing)
         if init:
             init_chunk(chunk, cfg.model, cfg.train.seed)
-        chunks.append(chunk.to(device=device, dtype=dtype))
+        chunk = chunk.to(device=device, dtype=dtype)
+        if cfg.train.compile:
+            compile_blocks(chunk)
+        chunks.append(chunk)
     return chunks
+
+
+def compile_blocks(chunk: ModelChunk) -> None:
+    """torch.compile each Transformer block in place (``Module.compile``: the parameters keep their names). The
+    blocks share one code object, so the compiled graph is reused from the second block on."""
+    for block in chunk.layers.values():
+        block.compile()

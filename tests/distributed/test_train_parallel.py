@@ -49,7 +49,12 @@ def reference(tiny_corpus, tmp_path_factory):
     pytest.param(4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": "true"},
                  marks=pytest.mark.slow),
     pytest.param(2, {"parallel.pp": 2, "parallel.virtual_stages": 2}, marks=pytest.mark.slow),
-], ids=["tp2", "tp2-sp", "pp2", "dp2", "tp2-pp2-sp", "pp2-interleaved"])
+    pytest.param(2, {"parallel.tp": 2, "parallel.sequence_parallel": "true", "train.compile": "true"},
+                 marks=pytest.mark.slow),
+    pytest.param(2, {"parallel.pp": 2, "train.compile": "true", "parallel.activation_checkpointing": "selective"},
+                 marks=pytest.mark.slow),
+], ids=["tp2", "tp2-sp", "pp2", "dp2", "tp2-pp2-sp", "pp2-interleaved", "tp2-sp-compiled",
+        "pp2-compiled-selective"])
 def test_loss_curve_equals_single_process(tiny_corpus, tmp_path, reference, world, layout):
     run_dir = tmp_path / "parallel"
     run_distributed(_train, world, overrides(tiny_corpus, run_dir, **layout))
@@ -158,8 +163,10 @@ def test_bad_layout_fails_on_every_rank_with_the_same_message(tiny_corpus, tmp_p
     (4, {"parallel.pp": 2, "parallel.engine": "deepspeed", "parallel.zero_stage": 0}),
     (4, {"parallel.pp": 2, "parallel.zero_stage": 2}),
     (4, {"parallel.pp": 2, "parallel.virtual_stages": 2, "parallel.zero_stage": 1}),
+    (2, {"parallel.zero_stage": 2, "train.compile": "true"}),
+    (2, {"parallel.zero_stage": 3, "train.compile": "true"}),
 ], ids=["tp2-pp2-dp2-zero1", "tp2-pp2-dp2-sp-zero3", "dp2-zero3-offload", "pp2-dp2-zero0", "pp2-dp2-zero2",
-        "pp2-interleaved-dp2-zero1"])
+        "pp2-interleaved-dp2-zero1", "dp2-zero2-compiled", "dp2-zero3-compiled"])
 def test_deepspeed_layouts_equal_single_process(tiny_corpus, tmp_path, reference, reference_at_6, world, layout):
     """DeepSpeed as the data-parallel engine with all three dimensions at once (8 processes), and ZeRO-3 with
     CPU offload: the first 6 steps of the 20-step schedule equal the single-process run's (losses rtol 1e-5),

@@ -32,6 +32,13 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _eager(collective):
+    """Run a collective outside torch.compile's graphs (train.compile): the compiled regions end at each one, so
+    every collective is the eager call above, counted and timed exactly as without compiling. (Traced, the counter's
+    changing values would become guards and recompile the block at every call.)"""
+    return torch.compiler.disable(collective, recursive=True)
+
+
 class CommStats:
     """Elements (and bytes) this rank sent per kind of collective, under the ring model; calls per kind.
 
@@ -76,6 +83,7 @@ def _count(tp: TensorParallel, kind: str, shares: int, n: int, x: torch.Tensor) 
         tp.comm.add(kind, Fraction(shares * (tp.size - 1) * n, tp.size), x.element_size())
 
 
+@_eager
 def all_reduce(x: torch.Tensor, tp: TensorParallel, kind: str | None = None,
                op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (or ``op``) of ``x`` over the TP group, as a new tensor: ``x`` itself is never modified."""
@@ -88,6 +96,7 @@ def all_reduce(x: torch.Tensor, tp: TensorParallel, kind: str | None = None,
     return out
 
 
+@_eager
 def all_gather(x: torch.Tensor, tp: TensorParallel, dim: int, kind: str | None = None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in TP-rank order: (.., n, ..) -> (.., t*n, ..)."""
     if tp.size == 1:
@@ -104,6 +113,7 @@ def all_gather(x: torch.Tensor, tp: TensorParallel, dim: int, kind: str | None =
     return torch.cat(out.unbind(0), dim=dim)
 
 
+@_eager
 def reduce_scatter(x: torch.Tensor, tp: TensorParallel, dim: int, kind: str | None = None) -> torch.Tensor:
     """Sum ``x`` over the TP group and keep this rank's chunk along ``dim``: (.., t*n, ..) -> (.., n, ..)."""
     if tp.size == 1:
