@@ -4,15 +4,18 @@ and estimated step time, ranked; and why each other layout fails (the rule, or m
 Memory per rank (the first pipeline stage, the fullest; the last when its LM head weighs more):
   - model states: parameters counted exactly on the meta device at the rank's tensor-parallel shard, times the
     bytes of ZeRO's formulas (mixed precision: 2 + 2 + 12 bytes per parameter, divided by dp as the stage says;
-    fp32: 4 + 4 + 8);
-  - activations: Korthikanti et al. per layer and micro-batch, with a fused attention kernel (no s^2 term):
-    s b h (10 + 24/t) bytes without sequence parallelism, 34 s b h / t with it, 2 s b h (/t with SP) under full
-    recomputation; fp32 doubles them; the first stage holds min(pp, micro-batches) of them under 1F1B, times
-    1 + (p-1)/(p v) interleaved; plus the fp32 logits and their gradient on the last stage.
+    fp32: 4 + 4 + 8, or + 12 where DeepSpeed keeps an fp32 master);
+  - DeepSpeed's communication buckets (ZeRO 1-3) and, under ZeRO-3, the prefetch bucket and one block gathered;
+  - activations: the bytes a micro-batch's forward keeps per layer and for the head, counted on megalm's own
+    modules on the meta device (``megalm.bench.activations``: a flash-style attention, sequence parallelism and
+    recomputation as megalm implements them), times the micro-batches in flight (min(pp, m) on the first stage
+    under 1F1B, times 1 + (p-1)/(p v) interleaved), plus the head's backward buffers on the last stage.
 Step time: hardware FLOPs at ``--efficiency`` of the device's peak, the pipeline bubble (p-1)/(v m), and the
 tensor-, pipeline- and data-parallel traffic at the given bandwidths, with no overlap (an upper bound).
-Not yet modelled (stated, not guessed): DeepSpeed's communication buckets and kernel workspaces, and a measured
-calibration of the efficiency and bandwidths.
+Not yet done: a measured calibration of the efficiency and bandwidths (``--calibrate``), and kernel workspaces.
+Measured against ``megalm bench train --memory`` on this CPU (fp32, 1-2 processes): within 8% for one process,
+recomputation, pp, dp and ZeRO 1-3 (four of them to the byte); tp = 2 under-predicted by 11% and tp = 2 with
+sequence parallelism by 24% (transients of the collectives, not yet modelled).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
+from megalm.bench.activations import saved_activation_bytes
 from megalm.config import Config, ConfigError, ModelConfig, load_config
 from megalm.config.rules import validate
 from megalm.flops import flops_per_token
@@ -82,50 +86,80 @@ def shared_embedding(model: ModelConfig, tp: int) -> int:
     return model.vocab_size // tp * model.hidden_size if model.tie_embeddings else 0
 
 
-def state_bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> float:
-    """ZeRO's model states per parameter: weights, gradients, optimizer (fp32 master + Adam moments)."""
-    weights, grads, optimizer = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+def state_bytes(precision: str, zero_stage: int, dp: int) -> tuple[float, float, float]:
+    """ZeRO's model states per parameter: (weights, gradients, optimizer: fp32 master + Adam moments). In fp32,
+    DeepSpeed's ZeRO optimizers keep a master copy as well (12 bytes); megalm's engine and ZeRO-0 do not (8)."""
+    weights, grads, optimizer = (4, 4, 12 if zero_stage else 8) if precision == "fp32" else (2, 2, 12)
     if zero_stage >= 1:
         optimizer /= dp
     if zero_stage >= 2:
         grads /= dp
     if zero_stage >= 3:
         weights /= dp
-    return weights + grads + optimizer
+    return weights, grads, optimizer
+
+
+def state_bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> float:
+    return sum(state_bytes(precision, zero_stage, dp))
 
 
 def activation_bytes(cfg: Config, lay: Layout, micro_batches: int) -> tuple[float, float]:
-    """(first stage, last stage) activation bytes at the peak of the schedule."""
-    m, s, b, t = cfg.model, cfg.data.seq_len, lay.micro_batch_size, lay.tp
-    sbh = s * b * m.hidden_size
-    if lay.activation_checkpointing == "full":
-        per_layer = 2 * sbh / (t if lay.sequence_parallel else 1)
-    elif lay.sequence_parallel:
-        per_layer = 34 * sbh / t
-    else:
-        per_layer = sbh * (10 + 24 / t)
-    scale = 2.0 if cfg.train.precision == "fp32" else 1.0
+    """(first stage, last stage) activation bytes at the peak of the schedule: the micro-batches in flight times
+    the bytes a micro-batch's forward keeps per layer (counted on megalm's modules: ``bench.activations``), plus
+    on the last stage the head's and, during its backward, two logits-sized fp32 buffers (the logits' gradient
+    and the softmax backward's output at tp = 1, or the head's weight-gradient product at tp > 1: where this
+    machine's measured peaks fall), and under full recomputation one layer's activations, rebuilt during its
+    backward."""
+    m, s, b = cfg.model, cfg.data.seq_len, lay.micro_batch_size
+    per_layer, head = saved_activation_bytes(m, lay.tp, lay.sequence_parallel, lay.activation_checkpointing, b, s,
+                                             cfg.train.precision)
     in_flight = min(lay.pp, micro_batches)
     if lay.virtual_stages > 1:
         in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.virtual_stages)
     layers = m.num_layers / lay.pp
-    stage = scale * per_layer * layers * in_flight
-    logits = 2 * 4 * s * b * m.vocab_size / t          # fp32 logits and their gradient, vocab-parallel
-    return stage, stage / max(1.0, in_flight) + logits if lay.pp > 1 else stage + logits
+    rebuilt = 0.0
+    if lay.activation_checkpointing == "full":
+        rebuilt = saved_activation_bytes(m, lay.tp, lay.sequence_parallel, "none", b, s, cfg.train.precision)[0]
+    logits_grad = 2 * 4 * s * b * m.vocab_size / lay.tp
+    first = per_layer * layers * in_flight + rebuilt
+    last = per_layer * layers * (1 if lay.pp > 1 else in_flight) + rebuilt + head + logits_grad
+    return first, last
+
+
+def buffer_bytes(cfg: Config, lay: Layout, block_params: int) -> float:
+    """DeepSpeed's communication buckets (``engine.deepspeed.config.bucket_elements`` elements at the gradient's
+    width): ZeRO 1-3 reduce gradients through one; ZeRO-3 also gathers parameters ahead through another and
+    holds a block's parameters whole while it computes."""
+    if lay.zero_stage == 0:
+        return 0.0
+    from megalm.engine.deepspeed.config import bucket_elements
+
+    width = 4 if cfg.train.precision == "fp32" else 2
+    gathered = 0 if lay.zero_stage < 3 else bucket_elements(cfg) + block_params
+    return (bucket_elements(cfg) + gathered) * width
 
 
 def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int) -> dict:
+    """The fuller pipeline stage's bytes. With one micro-batch per step the blocks' gradients are made while their
+    activations are freed, so at the peak (the head's backward) only the head's own gradients exist."""
     first_extra, block, last_extra = parameters_per_rank(cfg.model, lay.tp)
     layers = cfg.model.num_layers // lay.pp
-    per_param = state_bytes_per_parameter(cfg.train.precision, lay.zero_stage, lay.dp)
+    weights, grads, optimizer = state_bytes(cfg.train.precision, lay.zero_stage, lay.dp)
     act_first, act_last = activation_bytes(cfg, lay, micro_batches)
     first_params = first_extra + layers * block + (last_extra - shared_embedding(cfg.model, lay.tp)
                                                    if lay.pp == 1 else 0)
     last_params = last_extra + layers * block
-    first = {"parameters": first_params, "states": first_params * per_param, "activations": act_first}
-    last = {"parameters": last_params, "states": last_params * per_param, "activations": act_last}
+    buffers = buffer_bytes(cfg, lay, block)
+
+    def states(params: int) -> float:
+        without_block_grads = params - layers * block if micro_batches == 1 else params
+        return params * (weights + optimizer) + without_block_grads * grads
+    first = {"parameters": first_params, "states": states(first_params), "activations": act_first,
+             "buffers": buffers}
+    last = {"parameters": last_params, "states": states(last_params), "activations": act_last,
+            "buffers": buffers}
     worst = max((first, last), key=lambda d: d["states"] + d["activations"])
-    return {**worst, "total": worst["states"] + worst["activations"]}
+    return {**worst, "total": worst["states"] + worst["activations"] + buffers}
 
 
 def step_seconds(cfg: Config, lay: Layout, micro_batches: int, peak: float, efficiency: float,
@@ -144,6 +178,13 @@ def step_seconds(cfg: Config, lay: Layout, micro_batches: int, peak: float, effi
     parts = {"compute_s": compute, "bubble_s": bubble, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
              "dp_comm_s": dp_comm}
     return {**parts, "step_s": sum(parts.values())}
+
+
+def layout_of(cfg: Config, world: int) -> Layout:
+    """The layout of a resolved config on ``world`` ranks."""
+    p = cfg.parallel
+    return Layout(p.tp, p.pp, world // (p.tp * p.pp), p.virtual_stages, p.zero_stage if cfg.uses_deepspeed else 0,
+                  p.sequence_parallel, p.activation_checkpointing, cfg.train.micro_batch_size)
 
 
 def layouts(cfg: Config, gpus: int, gpus_per_node: int):

@@ -140,6 +140,8 @@ def _args(argv):
     ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--sweep", metavar="KEY=V1,V2,...", help="measure each value of one config key")
     ap.add_argument("--profile", action="store_true", help="a profiler trace of the breakdown steps per rank")
+    ap.add_argument("--memory", action="store_true",
+                    help="one more step measuring the peak bytes of tensors held per rank (what megalm plan predicts)")
     ap.add_argument("--out", help="result folder (default runs/bench-train)")
     ap.add_argument("--compare", metavar="OLD.json", help="an earlier result: the regression gate after this run")
     ap.add_argument("overrides", nargs="*")
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
                                                                                   p.sequence_parallel)
         name = layout_label(cfg, info.world_size) + (f" {point}" if point else "")
         runs[name] = (cfg, measure(cfg, rt, args.steps, args.warmup, args.breakdown_steps, args.data,
-                                   profile_dir, topo), info.world_size)
+                                   profile_dir, topo, args.memory), info.world_size)
     comm = {}
     if info.world_size == 1 and not args.sweep:
         if not args.no_baseline:
@@ -216,7 +218,8 @@ def row_of(cfg: Config, result: dict, devices: int, peak: float, measured_peak: 
            "hardware_tflops_per_device": per_device * per_token.hardware / 1e12,
            "mfu": mfu(per_device, per_token, peak), "mfu_causal": mfu(per_device, per_token, peak, causal=True),
            "mfu_measured_peak": mfu(per_device, per_token, measured_peak)}
-    for key in ("peak_memory_max", "peak_memory_min", "loss_first", "loss_last"):
+    for key in ("peak_memory_max", "peak_memory_min", "peak_tensor_bytes_max", "peak_tensor_bytes_min", "loss_first",
+                "loss_last"):
         if result.get(key) is not None:
             row[key] = result[key]
     if result.get("breakdown"):
@@ -244,6 +247,10 @@ def report(args, runs, comm, device, world, peak, peak_source, measured_peak, pr
               f"{r['tokens_per_s_per_device']:9,.0f} {r['tflops_per_device']:8.4f} "
               f"{r['hardware_tflops_per_device']:8.4f} {r['mfu']:6.1%} {r['mfu_causal']:6.1%} "
               f"{r['mfu_measured_peak']:8.1%} {memory}")
+    for name, r in rows.items():
+        if "peak_tensor_bytes_max" in r:
+            print(f"{name}: tensors held at the step's peak, per rank (less those alive before the model): "
+                  f"max {r['peak_tensor_bytes_max'] / 2**20:,.1f} MiB, min {r['peak_tensor_bytes_min'] / 2**20:,.1f} MiB")
     for name, r in rows.items():
         if "breakdown_fraction" in r:
             parts = ", ".join(f"{k} {v:.0%}" for k, v in r["breakdown_fraction"].items() if v >= 0.005)

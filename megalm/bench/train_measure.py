@@ -15,6 +15,7 @@ Every reduction is a fixed-size all-reduce: nothing grows with the world size.
 from __future__ import annotations
 
 import contextlib
+import gc
 import resource
 import time
 from pathlib import Path
@@ -57,6 +58,36 @@ def _peak_memory(device: torch.device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024     # Linux reports KiB
 
 
+def _tensor_bytes_now(device: torch.device) -> float:
+    """Bytes of every tensor alive in this process (the allocator's count on CUDA; on a CPU, every distinct storage
+    the garbage collector knows, as ``megalm bench memory`` counts them)."""
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated(device))
+    from megalm.bench.memory import _live_storages
+
+    gc.collect()
+    return float(sum(size for size, _, _ in _live_storages().values()))
+
+
+def _step_peak_tensor_bytes(one_step, step: int, device: torch.device) -> float:
+    """The most tensor bytes alive at once during one step: on CUDA the allocator's peak; on a CPU (which keeps
+    no such count) the tensors alive at the step's start plus the peak of the profiler's allocation record."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        one_step(step, None)
+        return float(torch.cuda.max_memory_allocated(device))
+    alive = _tensor_bytes_now(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        one_step(step, None)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for event in events:
+        now += event.nbytes()
+        peak = max(peak, now)
+    return alive + peak
+
+
 def _reduce(values: list[float], op, device) -> list[float]:
     if not dist.is_initialized():
         return values
@@ -66,13 +97,16 @@ def _reduce(values: list[float], op, device) -> list[float]:
 
 
 def measure(cfg: Config, rt, steps: int, warmup: int, breakdown_steps: int = 3, data: str = "random",
-            profile_dir: str | None = None, topo=None) -> dict:
-    """Collective over the world. ``cfg`` resolved for it; ``topo`` (default ``rt.topo``) its layout."""
+            profile_dir: str | None = None, topo=None, measure_memory: bool = False) -> dict:
+    """Collective over the world. ``cfg`` resolved for it; ``topo`` (default ``rt.topo``) its layout.
+    ``measure_memory``: one more step measures the peak of the bytes of tensors this rank holds, less those alive
+    before the model was built (what ``megalm plan`` predicts), as ``peak_tensor_bytes_max``/``_min``."""
     from megalm.engine import build_engine
     from megalm.parallel.pipeline.p2p import P2P, activation_shape
     from megalm.train.step import train_step
 
     topo, device, t = topo or rt.topo, rt.device, cfg.train
+    before_model = _tensor_bytes_now(device) if measure_memory else 0.0
     engine = build_engine(cfg, topo, device)
     p2p = P2P(topo, activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size, topo),
               engine.activation_dtype, device, num_chunks=len(engine.chunks))
@@ -100,11 +134,20 @@ def measure(cfg: Config, rt, steps: int, warmup: int, breakdown_steps: int = 3, 
     breakdown = _breakdown(one_step, engine, p2p, device, warmup + steps, breakdown_steps, profile_dir,
                            rt.info.rank)
     memory = _peak_memory(device)
-    high, low = _reduce([memory], dist.ReduceOp.MAX, device)[0], -_reduce([-memory], dist.ReduceOp.MAX, device)[0]
+    high, low = _max_min(memory, device)
     window = losses[warmup:warmup + steps]
-    return {"timing": timing_of(slowest), "step_seconds": slowest, "breakdown": breakdown,
-            "peak_memory_max": high, "peak_memory_min": low, "loss_first": window[0] if window else None,
-            "loss_last": window[-1] if window else None}
+    out = {"timing": timing_of(slowest), "step_seconds": slowest, "breakdown": breakdown,
+           "peak_memory_max": high, "peak_memory_min": low, "loss_first": window[0] if window else None,
+           "loss_last": window[-1] if window else None}
+    if measure_memory:
+        held = _step_peak_tensor_bytes(one_step, warmup + steps + breakdown_steps + 1, device) - before_model
+        out["peak_tensor_bytes_max"], out["peak_tensor_bytes_min"] = _max_min(held, device)
+    return out
+
+
+def _max_min(value: float, device) -> tuple[float, float]:
+    high = _reduce([value], dist.ReduceOp.MAX, device)[0]
+    return high, -_reduce([-value], dist.ReduceOp.MAX, device)[0]
 
 
 def _breakdown(one_step, engine, p2p, device, done: int, steps: int, profile_dir, rank: int) -> dict:

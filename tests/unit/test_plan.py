@@ -55,7 +55,8 @@ def test_model_states_follow_zeros_formulas(dp):
     assert state_bytes_per_parameter("bf16", 1, dp) == pytest.approx(4 + 12 / dp)
     assert state_bytes_per_parameter("bf16", 2, dp) == pytest.approx(2 + 14 / dp)
     assert state_bytes_per_parameter("bf16", 3, dp) == pytest.approx(16 / dp)
-    assert state_bytes_per_parameter("fp32", 0, dp) == 16
+    assert state_bytes_per_parameter("fp32", 0, dp) == 16                 # torch AdamW on the fp32 weights
+    assert state_bytes_per_parameter("fp32", 1, dp) == pytest.approx(8 + 12 / dp)   # DeepSpeed adds a master
 
 
 def test_each_rejected_layout_is_named_by_its_rule():
@@ -71,3 +72,56 @@ def test_each_rejected_layout_is_named_by_its_rule():
 def test_an_unknown_gpu_is_refused_naming_the_table():
     with pytest.raises(ConfigError, match="not in the datasheet table"):
         main(["--config", "configs/tiny.yaml", "--gpus", "8", "--gpu", "Z9000"])
+
+
+SHAPE = ["model.vocab_size=4096", "model.hidden_size=256", "model.num_layers=3", "model.num_heads=4",
+         "data.seq_len=128", "model.max_seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=4"]
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_activation_counts_on_meta_equal_what_a_real_forward_saves(checkpointing):
+    import torch
+
+    from megalm.bench.activations import saved_activation_bytes
+    from megalm.config import resolve
+    from megalm.parallel.parallelize import build_chunks
+    from megalm.parallel.topology import build_topology
+
+    cfg = resolve(load_config("tiny", SHAPE + [f"parallel.activation_checkpointing={checkpointing}"]), 1)
+    real = {}
+    for layers in (1, 2):
+        one = cfg.mutable_copy()
+        one.set("model.num_layers", layers)
+        chunk = build_chunks(one, build_topology(), torch.device("cpu"))[0]
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        tokens = torch.zeros(2, 128, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            chunk(tokens, tokens)
+        weights = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+        real[layers] = sum(size for ptr, size in seen.items() if ptr not in weights)
+    per_layer, head = saved_activation_bytes(cfg.model, 1, False, checkpointing, 2, 128)
+    if checkpointing == "full":     # checkpoint keeps the block's input, which autograd's hooks do not see
+        assert per_layer == 2 * 128 * 256 * 4
+    else:
+        assert (per_layer, head) == (real[2] - real[1], 2 * real[1] - real[2])
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.activation_checkpointing=full"], ["train.micro_batch_size=4"]])
+def test_predicted_peak_memory_is_within_10_percent_of_measured_in_one_process(tmp_path, extra):
+    from megalm.bench.plan import layout_of, memory_per_rank
+    from megalm.bench.train import main as bench
+    from megalm.config import resolve
+
+    assert bench(["--steps", "1", "--warmup", "1", "--breakdown-steps", "0", "--tp", "0", "--no-baseline",
+                  "--memory", "--out", str(tmp_path)] + SHAPE + extra) == 0
+    row = next(iter(json.loads((tmp_path / "bench_train.json").read_text())["results"]["rows"].values()))
+    cfg = resolve(load_config("tiny", SHAPE + extra), 1)
+    lay = layout_of(cfg, 1)
+    predicted = memory_per_rank(cfg, lay, cfg.train.global_batch_size // lay.micro_batch_size)["total"]
+    measured = row["peak_tensor_bytes_max"]
+    print(f"{extra}: predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
