@@ -249,8 +249,9 @@ def report(args, runs, comm, device, world, peak, peak_source, measured_peak, pr
               f"{r['mfu_measured_peak']:8.1%} {memory}")
     for name, r in rows.items():
         if "peak_tensor_bytes_max" in r:
+            high, low = r["peak_tensor_bytes_max"] / 2**20, r["peak_tensor_bytes_min"] / 2**20
             print(f"{name}: tensors held at the step's peak, per rank (less those alive before the model): "
-                  f"max {r['peak_tensor_bytes_max'] / 2**20:,.1f} MiB, min {r['peak_tensor_bytes_min'] / 2**20:,.1f} MiB")
+                  f"max {high:,.1f} MiB, min {low:,.1f} MiB")
     for name, r in rows.items():
         if "breakdown_fraction" in r:
             parts = ", ".join(f"{k} {v:.0%}" for k, v in r["breakdown_fraction"].items() if v >= 0.005)
