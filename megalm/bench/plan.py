@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 
 from megalm.bench.activations import saved_activation_bytes
+from megalm.bench.calibrate import Machine
 from megalm.config import Config, ConfigError, ModelConfig, load_config
 from megalm.config.rules import validate
-from megalm.flops import flops_per_token
+from megalm.flops import flops_per_token, matmul_params
 
 GIB = 1024 ** 3
 SEARCH = {"tp": (1, 2, 4, 8), "virtual_stages": (1, 2, 4), "zero_stage": (0, 1, 2, 3),
@@ -162,21 +163,53 @@ def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int) -> dict:
     return {**worst, "total": worst["states"] + worst["activations"] + buffers}
 
 
-def step_seconds(cfg: Config, lay: Layout, micro_batches: int, peak: float, efficiency: float,
-                 intra_bw: float, inter_bw: float, gpus_per_node: int, params: int) -> dict:
-    m, s, b = cfg.model, cfg.data.seq_len, lay.micro_batch_size
+def step_seconds(cfg: Config, lay: Layout, micro_batches: int, machine: Machine, gpus_per_node: int,
+                 params: int) -> dict:
+    """The slowest stage's compute at the machine's rate, the bubble, and each kind of traffic as calls x the
+    machine's cost of one message of its size (tensor-parallel collectives per layer and micro-batch, pipeline
+    messages per micro-batch, the gradient reduction: one all-reduce, or DeepSpeed's buckets), plus the optimizer;
+    no overlap is assumed. Ranks that outnumber a CPU host's cores wait in turn to move bytes."""
+    m, s, b, t = cfg.model, cfg.data.seq_len, lay.micro_batch_size, lay.tp
     world = lay.tp * lay.pp * lay.dp
+    ranks_here = min(world, gpus_per_node)
+    width = 4 if cfg.train.precision == "fp32" else 2
+    tokens = cfg.train.global_batch_size * s / lay.dp                  # per data-parallel replica
     per_token = flops_per_token(m, s, lay.activation_checkpointing).hardware
-    compute = per_token * cfg.train.global_batch_size * s / world / (peak * efficiency)
+    head = 6 * matmul_params(m)["lm_head"]
+    stage = ((per_token - head) / lay.pp + head) / t                    # the last stage: its layers and the head
+    compute = tokens * stage / machine.compute_rate(ranks_here)
     bubble = compute * (lay.pp - 1) / (lay.virtual_stages * micro_batches)
-    elem = 4 if cfg.train.precision == "fp32" else 2
-    tp_bytes = 8 * b * s * m.hidden_size * (lay.tp - 1) / lay.tp * elem * (m.num_layers / lay.pp) * micro_batches
-    tp_comm = tp_bytes / (intra_bw if lay.tp <= gpus_per_node else inter_bw)
-    pp_comm = 0.0 if lay.pp == 1 else 2 * micro_batches * b * s * m.hidden_size * elem / lay.tp / inter_bw
-    dp_bytes = 2 * (lay.dp - 1) / lay.dp * params * elem * (1.5 if lay.zero_stage == 3 else 1.0)
-    dp_comm = dp_bytes / (intra_bw if world <= gpus_per_node else inter_bw)
+
+    def cost(calls: float, ring_bytes_each: float, within: bool) -> float:
+        return calls * machine.collective_seconds(ring_bytes_each, within) if calls else 0.0
+    layers = m.num_layers / lay.pp
+    recomputed = 1.5 if lay.activation_checkpointing == "full" else 1.0
+    tp_message = b * s * m.hidden_size * width * (t - 1) / t               # ring bytes of one layer collective
+    tp_calls = 4 * recomputed * layers * micro_batches + 2 * micro_batches if t > 1 else 0   # + embedding, loss
+    if lay.sequence_parallel:                     # each all-reduce is an all-gather and a reduce-scatter
+        tp_comm = cost(2 * tp_calls, tp_message, t <= gpus_per_node)
+    else:
+        tp_comm = cost(tp_calls, 2 * tp_message, t <= gpus_per_node)
+    message = b * s * m.hidden_size * width / (t if lay.sequence_parallel else 1)
+    messages = 2 * micro_batches * lay.virtual_stages if lay.pp > 1 else 0
+    pp_comm = cost(messages, message, t * lay.pp <= gpus_per_node)
+    grads = params * width * (lay.dp - 1) / lay.dp
+    if lay.zero_stage == 0:                       # megalm's engine: one all-reduce of the flat gradients
+        dp_comm = cost(1 if lay.dp > 1 else 0, 2 * grads, world <= gpus_per_node)
+    else:                                         # DeepSpeed: bucketed reduce(-scatter)s, then gathered weights
+        from megalm.engine.deepspeed.config import bucket_elements
+
+        buckets = max(1.0, params / bucket_elements(cfg))
+        passes = 3 if lay.zero_stage == 3 else 2                             # ZeRO-3 gathers in backward too
+        dp_comm = cost(passes * buckets if lay.dp > 1 else 0, grads / buckets, world <= gpus_per_node)
+    if machine.cores and ranks_here > machine.cores:                      # ranks wait for a core to move bytes
+        tp_comm, pp_comm, dp_comm = (x * ranks_here / machine.cores for x in (tp_comm, pp_comm, dp_comm))
+    per_param = machine.optimizer_s_per_param_busy if ranks_here > 1 and machine.optimizer_s_per_param_busy \
+        else machine.optimizer_s_per_param
+    optimizer = params / (lay.dp if lay.zero_stage else 1) * per_param * max(1.0, ranks_here / (machine.cores or
+                                                                                             ranks_here))
     parts = {"compute_s": compute, "bubble_s": bubble, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
-             "dp_comm_s": dp_comm}
+             "dp_comm_s": dp_comm, "optimizer_s": optimizer}
     return {**parts, "step_s": sum(parts.values())}
 
 
@@ -210,9 +243,21 @@ def apply(base: Config, lay: Layout) -> Config:
     return cfg
 
 
-def plan(base: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, peak: float = 989e12,
-         efficiency: float = 0.45, intra_bw: float = 400e9, inter_bw: float = 50e9) -> dict:
+def predict(cfg: Config, lay: Layout, machine: Machine, gpus_per_node: int) -> dict:
+    """Memory per rank and step time of one layout (``cfg`` holding it), and the MFU it implies."""
+    m = cfg.train.global_batch_size // (lay.micro_batch_size * lay.dp)
+    memory = memory_per_rank(cfg, lay, m)
+    times = step_seconds(cfg, lay, m, machine, gpus_per_node, memory["parameters"])
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len).model
+    world = lay.tp * lay.pp * lay.dp
+    times["mfu"] = tokens * per_token / times["step_s"] / world / machine.matmul_flops
+    return {"memory": memory, "time": times, "micro_batches": m}
+
+
+def plan(base: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, machine: Machine | None = None) -> dict:
     """{"fits": [rows ranked by step time], "rejected": {reason: count}, "searched": n}."""
+    machine = machine or Machine()
     fits, rejected, searched = [], {}, 0
     for lay in layouts(base, gpus, gpus_per_node):
         searched += 1
@@ -223,17 +268,13 @@ def plan(base: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, pea
             reason = str(e).split("\n")[0]
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        m = cfg.train.global_batch_size // (lay.micro_batch_size * lay.dp)
-        memory = memory_per_rank(cfg, lay, m)
-        if memory["total"] > gpu_memory:
-            over = memory["total"] - gpu_memory
+        row = {"layout": lay, **predict(cfg, lay, machine, gpus_per_node)}
+        if row["memory"]["total"] > gpu_memory:
             key = f"memory: needs more than {gpu_memory / GIB:.0f} GiB per rank"
             rejected[key] = rejected.get(key, 0) + 1
-            fits.append({"layout": lay, "memory": memory, "over_bytes": over})
-            continue
-        times = step_seconds(cfg, lay, m, peak, efficiency, intra_bw, inter_bw, gpus_per_node,
-                             memory["parameters"])
-        fits.append({"layout": lay, "memory": memory, "time": times, "micro_batches": m})
+            del row["time"]
+            row["over_bytes"] = row["memory"]["total"] - gpu_memory
+        fits.append(row)
     fitting = sorted((r for r in fits if "time" in r), key=lambda r: r["time"]["step_s"])
     too_big = sorted((r for r in fits if "over_bytes" in r), key=lambda r: r["over_bytes"])
     return {"fits": fitting, "too_big": too_big, "rejected": rejected, "searched": searched}
@@ -248,6 +289,35 @@ def _size(text: str) -> float:
     return float(low) * GIB
 
 
+def _machine(args, cfg: Config) -> Machine:
+    """The machine planned for: measured now (--calibrate), saved (--machine), or the datasheet and flags."""
+    from megalm.bench.harness import datasheet_peak_flops, output_dir
+
+    if args.calibrate is not None:
+        import torch
+
+        from megalm.bench.calibrate import calibrate
+        from megalm.config import resolve
+
+        small = load_config(args.calibrate) if args.calibrate else cfg.mutable_copy()
+        if small.model.vocab_size is None:
+            small.set("model.vocab_size", 8192)
+        for key in ("tp", "pp", "dp", "virtual_stages", "zero_stage", "sequence_parallel"):   # one process
+            small.set(f"parallel.{key}", {"dp": None, "sequence_parallel": False, "zero_stage": 0}.get(key, 1))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        machine = calibrate(resolve(small, 1), device)
+        print(f"calibration saved to {machine.save(output_dir('plan', args.out) / 'machine.json')}")
+        return machine
+    if args.machine:
+        return Machine.load(args.machine)
+    peak = datasheet_peak_flops(args.gpu, "bf16")
+    if peak is None:
+        raise ConfigError(f"megalm plan: --gpu {args.gpu!r} is not in the datasheet table "
+                          "(megalm/bench/harness.py PEAK_TFLOPS); name a listed part such as H100 or A100")
+    return Machine(matmul_flops=peak, efficiency=args.efficiency, source=f"{args.gpu} datasheet x {args.efficiency}",
+                   bandwidth={"intra": args.intra_node_gbps * 1e9, "inter": args.inter_node_gbps * 1e9})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megalm plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -258,35 +328,37 @@ def main(argv=None) -> int:
     ap.add_argument("--efficiency", type=float, default=0.45, help="fraction of peak the matmuls reach")
     ap.add_argument("--intra-node-gbps", type=float, default=400.0, help="GB/s within a node (NVLink)")
     ap.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU across nodes")
+    ap.add_argument("--calibrate", nargs="?", const="", metavar="CONFIG",
+                    help="measure this machine first (matmul rate, the training step's efficiency, collectives) "
+                         "with the planned config's step, or CONFIG's (one that fits this machine, e.g. tiny); "
+                         "save it as machine.json in --out and plan with it")
+    ap.add_argument("--machine", metavar="FILE", help="plan with a saved calibration (machine.json)")
     ap.add_argument("--vocab-size", type=int, default=128256, help="used when the config leaves it unset")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", help="result folder (default runs/bench-plan)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    from megalm.bench.harness import datasheet_peak_flops, write_result
+    from megalm.bench.harness import write_result
 
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError(f"megalm plan: --gpus {args.gpus} and --gpus-per-node {args.gpus_per_node} must be >= 1")
-    peak = datasheet_peak_flops(args.gpu, "bf16")
-    if peak is None:
-        raise ConfigError(f"megalm plan: --gpu {args.gpu!r} is not in the datasheet table "
-                          "(megalm/bench/harness.py PEAK_TFLOPS); name a listed part such as H100 or A100")
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size is None:
         cfg.set("model.vocab_size", args.vocab_size)
+    machine = _machine(args, cfg)
     started = time.perf_counter()
-    result = plan(cfg, args.gpus, _size(args.gpu_memory), args.gpus_per_node, peak, args.efficiency,
-                  args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
+    result = plan(cfg, args.gpus, _size(args.gpu_memory), args.gpus_per_node, machine)
     print(f"megalm plan: {result['searched']} layouts searched on {args.gpus} x {args.gpu} "
-          f"({args.gpu_memory}, {args.gpus_per_node} per node) in {time.perf_counter() - started:.1f} s; "
-          f"{len(result['fits'])} fit")
+          f"({args.gpu_memory}, {args.gpus_per_node} per node; machine: {machine.source}) in "
+          f"{time.perf_counter() - started:.1f} s; {len(result['fits'])} fit")
     print(f"{'layout':44s} {'GiB/rank':>8s} {'states':>7s} {'activ.':>7s} {'step s':>7s} {'bubble':>7s} "
-          f"{'comm s':>7s}")
+          f"{'comm s':>7s} {'MFU':>6s}")
     for row in result["fits"][: args.top]:
         mem, t = row["memory"], row["time"]
         comm = t["tp_comm_s"] + t["pp_comm_s"] + t["dp_comm_s"]
         print(f"{row['layout'].label():44s} {mem['total'] / GIB:8.1f} {mem['states'] / GIB:7.1f} "
-              f"{mem['activations'] / GIB:7.1f} {t['step_s']:7.2f} {t['bubble_s']:7.2f} {comm:7.2f}")
+              f"{mem['activations'] / GIB:7.1f} {t['step_s']:7.2f} {t['bubble_s']:7.2f} {comm:7.2f} "
+              f"{t['mfu']:6.1%}")
     for row in result["too_big"][:3]:
         print(f"closest that does not fit: {row['layout'].label()}: {row['memory']['total'] / GIB:.1f} GiB, "
               f"{row['over_bytes'] / GIB:.1f} GiB over")

@@ -139,6 +139,8 @@ def _args(argv):
                     help="in one process: tensor-parallel sizes also spawned on this host (0 for none)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--sweep", metavar="KEY=V1,V2,...", help="measure each value of one config key")
+    ap.add_argument("--points", nargs="+", metavar="'K=V K=V'",
+                    help="measure each of these override sets in turn (layouts of the launched world, say)")
     ap.add_argument("--profile", action="store_true", help="a profiler trace of the breakdown steps per rank")
     ap.add_argument("--memory", action="store_true",
                     help="one more step measuring the peak bytes of tensors held per rank (what megalm plan predicts)")
@@ -159,7 +161,9 @@ def main(argv=None) -> int:
 
     args = _args(argv)
     info = discover()
-    points = sweep_points(args.sweep)
+    if args.sweep and args.points:
+        raise ConfigError("megalm bench train: give --sweep or --points, not both")
+    points = [(p, p.split()) for p in args.points] if args.points else sweep_points(args.sweep)
     configs = []
     for _, overrides in points:              # every point resolved (and refused) before any work starts
         loaded = load_config(args.config, args.overrides + overrides)
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
         runs[name] = (cfg, measure(cfg, rt, args.steps, args.warmup, args.breakdown_steps, args.data,
                                    profile_dir, topo, args.memory), info.world_size)
     comm = {}
-    if info.world_size == 1 and not args.sweep:
+    if info.world_size == 1 and not args.sweep and not args.points:
         if not args.no_baseline:
             hf = hf_step_timing(configs[0], args.steps, args.warmup)
             if hf is not None:

@@ -125,3 +125,17 @@ def test_predicted_peak_memory_is_within_10_percent_of_measured_in_one_process(t
     measured = row["peak_tensor_bytes_max"]
     print(f"{extra}: predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+
+
+def test_a_machine_interpolates_its_measured_collective_table_and_round_trips(tmp_path):
+    from megalm.bench.calibrate import Machine
+
+    machine = Machine(device="cpu", collective_table=[[1024.0, 1e-4], [1 << 20, 1e-3], [8 << 20, 6e-3]],
+                      latency_s={"intra": 1e-4, "inter": 2e-4}, bandwidth={"intra": 1e9, "inter": 1e8})
+    assert machine.collective_seconds(512, True) == 1e-4                             # below the table: its floor
+    middle = (1024 + (1 << 20)) / 2
+    assert machine.collective_seconds(middle, True) == pytest.approx((1e-4 + 1e-3) / 2)
+    beyond = machine.collective_seconds(15 << 20, True)                               # the last slope onwards
+    assert beyond == pytest.approx(6e-3 + (7 << 20) * 5e-3 / (7 << 20))
+    assert machine.collective_seconds(1 << 20, False) == pytest.approx(2e-4 + (1 << 20) / 1e8)   # across nodes
+    assert Machine.load(machine.save(tmp_path / "machine.json")) == machine

@@ -1,0 +1,231 @@
+"""``megalm plan --calibrate``: what this machine does, measured in under a minute and saved for the planner.
+
+  - the matmul rate (FLOP/s) of one device at the config's precision: on a CPU at one thread and at all of
+    them, since several ranks on one host share its cores;
+  - the fraction of that rate the config's own training step reaches in its forward and backward, and the
+    optimizer's seconds per parameter, from one process's step divided into phases (``megalm.runtime.phases``);
+  - the collective's cost between two ranks on this host (gloo on a CPU, NCCL between two GPUs): all-reduces
+    of 1 KiB to 8 MiB, kept as a table of seconds against ring bytes (interpolated between its sizes; beyond
+    them, latency + bytes / bandwidth from the two ends), since a message's cost is not one straight line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SIZES = (1 << 10, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 8 << 20)
+
+
+@dataclass
+class Machine:
+    """What the planner needs of a machine; the defaults describe an H100 node (datasheet, NVLink, InfiniBand)."""
+    device: str = "cuda"
+    matmul_flops: float = 989e12
+    """One device's dense matmul rate at the training precision (CPU: with every core)."""
+    matmul_flops_one_thread: float = 0.0
+    """CPU only: the rate of one thread while every core multiplies (ranks sharing a host get one thread each
+    under torchrun, and share its caches and memory bandwidth)."""
+    cores: int = 0
+    """CPU only: cores per host."""
+    efficiency: float = 0.45
+    """Fraction of the matmul rate the training step's forward and backward reach."""
+    optimizer_s_per_param: float = 1e-11
+    latency_s: dict = field(default_factory=lambda: {"intra": 1e-5, "inter": 2e-5})
+    bandwidth: dict = field(default_factory=lambda: {"intra": 400e9, "inter": 50e9})
+    """Ring algorithm bytes per second per rank, within a node and across nodes."""
+    collective_table: list = field(default_factory=list)
+    """Measured [ring bytes, seconds] of one collective on this host, ascending; empty: latency + bandwidth."""
+    efficiency_one_thread: float = 0.0
+    """CPU only: the step's efficiency against the one-thread rate, measured with one rank per core."""
+    optimizer_s_per_param_busy: float = 0.0
+    """CPU only: the optimizer's seconds per parameter of a one-thread rank, measured with one rank per core."""
+    source: str = "defaults"
+
+    def collective_seconds(self, ring_bytes: float, within_node: bool) -> float:
+        """One collective moving ``ring_bytes`` per rank (ring model)."""
+        where = "intra" if within_node else "inter"
+        table = self.collective_table
+        if not table or not within_node:
+            return self.latency_s[where] + ring_bytes / self.bandwidth[where]
+        if ring_bytes <= table[0][0]:
+            return table[0][1]
+        for (b0, t0), (b1, t1) in zip(table, table[1:]):
+            if ring_bytes <= b1:
+                return t0 + (t1 - t0) * (ring_bytes - b0) / (b1 - b0)
+        (b0, t0), (b1, t1) = table[-2], table[-1]
+        return t1 + (ring_bytes - b1) * (t1 - t0) / (b1 - b0)
+
+    def compute_rate(self, ranks_per_node: int) -> float:
+        """FLOP/s one rank's compute reaches when ``ranks_per_node`` ranks share a host."""
+        if self.device != "cpu":
+            return self.matmul_flops * self.efficiency
+        if ranks_per_node <= 1:
+            return self.matmul_flops * self.efficiency
+        share = min(1.0, self.cores / ranks_per_node) if self.cores else 1.0
+        return self.matmul_flops_one_thread * share * (self.efficiency_one_thread or self.efficiency)
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Machine":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _matmul(device: torch.device, dtype: torch.dtype, threads: int | None = None) -> float:
+    from megalm.bench.harness import measured_matmul_flops
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        measured_matmul_flops(device, dtype)                     # warm: a cold first call reads slow
+        return measured_matmul_flops(device, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _matmul_worker(rank, world, dtype, queue):
+    """One thread per rank, every rank multiplying at once (as ranks sharing a host train)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.barrier()
+    rate = _matmul(torch.device("cpu"), dtype)
+    if rank == 0:
+        queue.put(rate)
+
+
+def concurrent_matmul_flops(ranks: int, dtype: torch.dtype) -> float:
+    """The one-thread matmul rate of each of ``ranks`` processes multiplying at the same time on this host."""
+    from megalm.runtime.spawn import run_distributed
+
+    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    run_distributed(_matmul_worker, ranks, dtype, queue, timeout_s=120)
+    return queue.get()
+
+
+def _step_worker(rank, world, cfg_dict, queue):
+    """Each rank's forward + backward seconds per step of a data-parallel run with one rank per core."""
+    from megalm.bench.train_measure import measure
+    from megalm.config import Config, resolve
+    from megalm.runtime import discover, finish, start
+
+    cfg = resolve(Config.from_dict(cfg_dict), world)
+    rt = start(cfg, discover())
+    phases = measure(cfg, rt, steps=1, warmup=1, breakdown_steps=3)["breakdown"]
+    finish(rt)
+    if rank == 0:
+        queue.put(phases)
+
+
+def busy_host_phases(cfg, ranks: int) -> tuple[dict, int]:
+    """(seconds per phase, tokens per rank) of ``cfg``'s step on ``ranks`` data-parallel processes."""
+    from megalm.runtime.spawn import run_distributed
+
+    data = cfg.to_dict()
+    t = data["train"]
+    if t["global_batch_size"] % (t["micro_batch_size"] * ranks):
+        t["global_batch_size"] = t["micro_batch_size"] * ranks
+    data["parallel"].update(dp=ranks, tp=1, pp=1)
+    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    run_distributed(_step_worker, ranks, data, queue, timeout_s=300)
+    return queue.get(), t["global_batch_size"] // ranks * cfg.data.seq_len
+
+
+def _collective_worker(rank, world, sizes, queue):
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = []
+    for size in sizes:
+        t = torch.ones(size // 4, device=device)
+        for _ in range(5):
+            dist.all_reduce(t)
+        times = []
+        for _ in range(25):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            dist.all_reduce(t)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - began)
+        out.append(sorted(times)[len(times) // 2])
+    if rank == 0:
+        queue.put(out)
+
+
+def collective_table() -> list[list[float]]:
+    """[ring bytes, seconds] of all-reduces between two gloo processes on this host (ring bytes = the size)."""
+    from megalm.runtime.spawn import run_distributed
+
+    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    run_distributed(_collective_worker, 2, list(SIZES), queue, timeout_s=120)
+    return [[float(size), seconds] for size, seconds in zip(SIZES, queue.get())]
+
+
+def calibrate(cfg, device: torch.device, say=print) -> Machine:
+    """Measure this machine with ``cfg`` (resolved for one process) as the training step."""
+    from megalm.bench.plan import parameters_per_rank, shared_embedding
+    from megalm.bench.train_measure import measure
+    from megalm.flops import flops_per_token
+    from megalm.runtime import discover, finish, start
+
+    began = time.perf_counter()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    machine = Machine(device=device.type, source=f"measured {time.strftime('%Y-%m-%d %H:%M')}")
+    machine.matmul_flops = _matmul(device, dtype)
+    if device.type == "cpu":
+        machine.cores = os.cpu_count() or 1
+        alone = _matmul(device, dtype, threads=1)
+        machine.matmul_flops_one_thread = concurrent_matmul_flops(machine.cores, dtype) if machine.cores > 1 \
+            else alone
+    say(f"calibrate: matmul {machine.matmul_flops / 1e12:.3f} TFLOP/s"
+        + (f" ({machine.matmul_flops_one_thread / 1e12:.3f} per one-thread rank while {machine.cores} multiply at "
+           f"once; {alone / 1e12:.3f} alone)" if device.type == "cpu" else ""))
+    rt = start(cfg, discover())
+    first, block, last = parameters_per_rank(cfg.model, 1)
+    parameters = first + cfg.model.num_layers * block + last - shared_embedding(cfg.model, 1)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    flops = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing).hardware * tokens
+
+    def efficiency(rate: float) -> tuple[float, float]:
+        phases = measure(cfg, rt, steps=1, warmup=1, breakdown_steps=2)["breakdown"]
+        return flops / (phases["forward"] + phases["backward"]) / rate, phases["optimizer"] / parameters
+    machine.efficiency, machine.optimizer_s_per_param = efficiency(machine.matmul_flops)
+    finish(rt)
+    busy = None
+    if device.type == "cpu" and machine.cores > 1:       # one rank per core, all computing at once
+        busy, tokens_per_rank = busy_host_phases(cfg, machine.cores)
+        machine.efficiency_one_thread = (flops / tokens * tokens_per_rank / (busy["forward"] + busy["backward"])
+                                         / machine.matmul_flops_one_thread)
+        machine.optimizer_s_per_param_busy = busy["optimizer"] / parameters
+    say(f"calibrate: the training step's forward and backward reach {machine.efficiency:.0%} of it"
+        + (f" ({machine.efficiency_one_thread:.0%} at one thread)" if device.type == "cpu" else "")
+        + f"; the optimizer takes {machine.optimizer_s_per_param * 1e9:.2f} ns per parameter")
+    if device.type == "cpu" or torch.cuda.device_count() >= 2:
+        table = collective_table()
+        if busy is not None and machine.cores == 2:          # the step's gradient all-reduce: one more size
+            grads = parameters * (4 if cfg.train.precision == "fp32" else 2)
+            table = sorted(table + [[float(grads), busy["dp_comm"]]])
+        machine.collective_table = table
+        (b0, t0), (b1, t1) = table[0], table[-1]
+        latency, bandwidth = t0, (b1 - b0) / max(t1 - t0, 1e-9)
+        machine.latency_s = {"intra": latency, "inter": latency}
+        machine.bandwidth = {"intra": bandwidth, "inter": bandwidth}
+        say(f"calibrate: all-reduce {', '.join(f'{b / 2**10:.0f} KiB {t * 1e3:.2f} ms' for b, t in table)} "
+            f"({'gloo' if device.type == 'cpu' else 'NCCL'}, 2 ranks on this host; across nodes: "
+            f"{latency * 1e6:.0f} us + bytes at {bandwidth / 1e9:.2f} GB/s)")
+    say(f"calibrate: done in {time.perf_counter() - began:.0f} s")
+    return machine
+
