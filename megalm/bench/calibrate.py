@@ -4,6 +4,9 @@
     them, since several ranks on one host share its cores;
   - the fraction of that rate the config's own training step reaches in its forward and backward, and the
     optimizer's seconds per parameter, from one process's step divided into phases (``megalm.runtime.phases``);
+  - on a CPU, the same step with one rank per core, data-parallel (megalm's engine, then ZeRO 1-3: DeepSpeed's
+    cost beyond megalm's engine, per parameter) and tensor-parallel (its collectives inside a step against the
+    same all-reduces alone);
   - the collective's cost between two ranks on this host (gloo on a CPU, NCCL between two GPUs): all-reduces
     of 1 KiB to 8 MiB, kept as a table of seconds against ring bytes (interpolated between its sizes; beyond
     them, latency + bytes / bandwidth from the two ends), since a message's cost is not one straight line.
@@ -42,6 +45,10 @@ class Machine:
     """Measured [ring bytes, seconds] of one collective on this host, ascending; empty: latency + bandwidth."""
     efficiency_one_thread: float = 0.0
     """CPU only: the step's efficiency against the one-thread rate, measured with one rank per core."""
+    zero_overhead_s_per_param: dict = field(default_factory=dict)
+    """Per ZeRO stage ("1"-"3"): DeepSpeed's step time beyond megalm's engine at the same dp, per parameter."""
+    tp_in_step_factor: float = 1.0
+    """Tensor-parallel collectives inside a training step against the same all-reduces measured alone."""
     optimizer_s_per_param_busy: float = 0.0
     """CPU only: the optimizer's seconds per parameter of a one-thread rank, measured with one rank per core."""
     source: str = "defaults"
@@ -60,13 +67,14 @@ class Machine:
         (b0, t0), (b1, t1) = table[-2], table[-1]
         return t1 + (ring_bytes - b1) * (t1 - t0) / (b1 - b0)
 
-    def compute_rate(self, ranks_per_node: int) -> float:
-        """FLOP/s one rank's compute reaches when ``ranks_per_node`` ranks share a host."""
+    def compute_rate(self, ranks_per_node: int, busy: float = 1.0) -> float:
+        """FLOP/s one rank's compute reaches when ``ranks_per_node`` ranks share a host, each computing the
+        fraction ``busy`` of the time (a pipeline stage idles in the bubble, leaving its core to the others)."""
         if self.device != "cpu":
             return self.matmul_flops * self.efficiency
         if ranks_per_node <= 1:
             return self.matmul_flops * self.efficiency
-        share = min(1.0, self.cores / ranks_per_node) if self.cores else 1.0
+        share = min(1.0, self.cores / (ranks_per_node * busy)) if self.cores else 1.0
         return self.matmul_flops_one_thread * share * (self.efficiency_one_thread or self.efficiency)
 
     def save(self, path: Path) -> Path:
@@ -112,32 +120,50 @@ def concurrent_matmul_flops(ranks: int, dtype: torch.dtype) -> float:
     return queue.get()
 
 
-def _step_worker(rank, world, cfg_dict, queue):
-    """Each rank's forward + backward seconds per step of a data-parallel run with one rank per core."""
+def _busy_worker(rank, world, cfg_dicts, queue):
+    """Each layout's seconds per phase and per step, one after another in one process group."""
     from megalm.bench.train_measure import measure
     from megalm.config import Config, resolve
+    from megalm.parallel.topology import build_topology
     from megalm.runtime import discover, finish, start
 
-    cfg = resolve(Config.from_dict(cfg_dict), world)
-    rt = start(cfg, discover())
-    phases = measure(cfg, rt, steps=1, warmup=1, breakdown_steps=3)["breakdown"]
+    configs = {name: resolve(Config.from_dict(data), world) for name, data in cfg_dicts.items()}
+    rt = start(next(iter(configs.values())), discover())
+    out = {}
+    for name, cfg in configs.items():
+        p = cfg.parallel
+        topo = build_topology(p.tp, p.pp, p.dp, p.sequence_parallel)
+        result = measure(cfg, rt, steps=3, warmup=1, breakdown_steps=2, topo=topo)
+        out[name] = (result["breakdown"], result["timing"].median_s)
     finish(rt)
     if rank == 0:
-        queue.put(phases)
+        queue.put(out)
 
 
-def busy_host_phases(cfg, ranks: int) -> tuple[dict, int]:
-    """(seconds per phase, tokens per rank) of ``cfg``'s step on ``ranks`` data-parallel processes."""
+def busy_host_runs(cfg, ranks: int) -> tuple[dict, dict]:
+    """``cfg``'s step on ``ranks`` processes, one per core: data-parallel (megalm's engine and ZeRO 1-3) and
+    tensor-parallel; {name: (seconds per phase, seconds per step)} and the configs run (as dicts)."""
+    from megalm.config import Config, ConfigError, resolve
     from megalm.runtime.spawn import run_distributed
 
-    data = cfg.to_dict()
-    t = data["train"]
+    base = cfg.to_dict()
+    t = base["train"]
     if t["global_batch_size"] % (t["micro_batch_size"] * ranks):
         t["global_batch_size"] = t["micro_batch_size"] * ranks
-    data["parallel"].update(dp=ranks, tp=1, pp=1)
+    variants = {"dp": {"dp": ranks}, "tp": {"tp": ranks},
+                **{f"zero{k}": {"dp": ranks, "zero_stage": k, "engine": "deepspeed"} for k in (1, 2, 3)}}
+    runs = {}
+    for name, change in variants.items():
+        data = {**base, "parallel": {**base["parallel"], "tp": 1, "pp": 1, "dp": None, "zero_stage": 0,
+                                     "engine": "native", **change}}
+        try:
+            resolve(Config.from_dict(data), ranks)
+        except ConfigError:          # a model this tp cannot split, say: that figure stays uncalibrated
+            continue
+        runs[name] = data
     queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    run_distributed(_step_worker, ranks, data, queue, timeout_s=300)
-    return queue.get(), t["global_batch_size"] // ranks * cfg.data.seq_len
+    run_distributed(_busy_worker, ranks, runs, queue, timeout_s=600)
+    return queue.get(), runs
 
 
 def _collective_worker(rank, world, sizes, queue):
@@ -176,6 +202,7 @@ def calibrate(cfg, device: torch.device, say=print) -> Machine:
     """Measure this machine with ``cfg`` (resolved for one process) as the training step."""
     from megalm.bench.plan import parameters_per_rank, shared_embedding
     from megalm.bench.train_measure import measure
+    from megalm.config import Config, resolve
     from megalm.flops import flops_per_token
     from megalm.runtime import discover, finish, start
 
@@ -204,21 +231,38 @@ def calibrate(cfg, device: torch.device, say=print) -> Machine:
         return flops / (phases["forward"] + phases["backward"]) / rate, phases["optimizer"] / parameters
     machine.efficiency, machine.optimizer_s_per_param = efficiency(machine.matmul_flops)
     finish(rt)
-    busy = None
+    busy = {}
     if device.type == "cpu" and machine.cores > 1:       # one rank per core, all computing at once
-        busy, tokens_per_rank = busy_host_phases(cfg, machine.cores)
-        machine.efficiency_one_thread = (flops / tokens * tokens_per_rank / (busy["forward"] + busy["backward"])
+        busy, runs = busy_host_runs(cfg, machine.cores)
+        phases = busy["dp"][0]
+        tokens_per_rank = runs["dp"]["train"]["global_batch_size"] // machine.cores * cfg.data.seq_len
+        machine.efficiency_one_thread = (flops / tokens * tokens_per_rank / (phases["forward"] + phases["backward"])
                                          / machine.matmul_flops_one_thread)
-        machine.optimizer_s_per_param_busy = busy["optimizer"] / parameters
+        machine.optimizer_s_per_param_busy = phases["optimizer"] / parameters
+        for stage in (1, 2, 3):                             # DeepSpeed's own cost beyond megalm's engine
+            if f"zero{stage}" in busy:
+                extra = busy[f"zero{stage}"][1] - busy["dp"][1]
+                machine.zero_overhead_s_per_param[str(stage)] = max(0.0, extra) / parameters
     say(f"calibrate: the training step's forward and backward reach {machine.efficiency:.0%} of it"
         + (f" ({machine.efficiency_one_thread:.0%} at one thread)" if device.type == "cpu" else "")
         + f"; the optimizer takes {machine.optimizer_s_per_param * 1e9:.2f} ns per parameter")
     if device.type == "cpu" or torch.cuda.device_count() >= 2:
         table = collective_table()
-        if busy is not None and machine.cores == 2:          # the step's gradient all-reduce: one more size
+        if "dp" in busy and machine.cores == 2:              # the step's gradient all-reduce: one more size
             grads = parameters * (4 if cfg.train.precision == "fp32" else 2)
-            table = sorted(table + [[float(grads), busy["dp_comm"]]])
+            table = sorted(table + [[float(grads), busy["dp"][0]["dp_comm"]]])
         machine.collective_table = table
+        if "tp" in busy:                # a collective inside a step against the same one alone
+            from megalm.bench.plan import layout_of, tp_collectives
+
+            tp_cfg = resolve(Config.from_dict(runs["tp"]), machine.cores)
+            lay = layout_of(tp_cfg, machine.cores)
+            micro = tp_cfg.train.global_batch_size // lay.micro_batch_size
+            calls, ring_bytes = tp_collectives(tp_cfg, lay, micro)
+            alone = calls * machine.collective_seconds(ring_bytes, True)
+            machine.tp_in_step_factor = max(1.0, busy["tp"][0]["tp_comm"] / alone)
+            say(f"calibrate: a tensor-parallel step's collectives take {machine.tp_in_step_factor:.1f}x what the "
+                f"same all-reduces take alone")
         (b0, t0), (b1, t1) = table[0], table[-1]
         latency, bandwidth = t0, (b1 - b0) / max(t1 - t0, 1e-9)
         machine.latency_s = {"intra": latency, "inter": latency}

@@ -1,10 +1,7 @@
 """megalm plan against measurement: 24 layouts run on this machine (1, 2 and 4 processes; tp, pp, interleaving,
 dp, ZeRO 0-3, sequence parallelism, recomputation, micro-batch size) after ``--calibrate``; the planner's per-rank
 peak memory and step time beside ``megalm bench train --memory``'s, printed as a table, with their mean absolute
-percentage errors asserted: memory under 10% (measured 5.7-6.8%), step time under 30% (measured 21-23%: the
-issue's goal of 15% is not met on this 2-core machine, where tensor-parallel gloo collectives cost about three
-times what an isolated all-reduce of the same size does, DeepSpeed's ZeRO hooks add 0.1-0.3 s per step, and
-four ranks on two cores overlap a pipeline's bubble with the other ranks' work)."""
+percentage errors asserted: memory under 10% (measured 5.6-6.9%) and step time under 15% (measured 8.6%)."""
 import json
 import socket
 import subprocess
@@ -51,7 +48,7 @@ def measured(world: int, points: list[str], out: Path) -> dict:
     return json.loads((out / "bench_train.json").read_text())["results"]["rows"]
 
 
-def test_plan_predicts_memory_within_10_and_step_time_within_30_percent(tmp_path, capsys):
+def test_plan_predicts_memory_within_10_and_step_time_within_15_percent(tmp_path, capsys):
     machine_file = tmp_path / "machine.json"
     calibrate = [sys.executable, "-m", "megalm", "plan", "--config", "tiny", "--gpus", "1", "--out", str(tmp_path),
                  *SHAPE, "--calibrate"]
@@ -80,4 +77,4 @@ def test_plan_predicts_memory_within_10_and_step_time_within_30_percent(tmp_path
               f"{len(table)} layouts")
     assert len(table) == 24
     assert sum(memory_errors) / len(table) < 0.10
-    assert sum(time_errors) / len(table) < 0.30
+    assert sum(time_errors) / len(table) < 0.15
