@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from megalm.bench.calibrate import Machine
-from megalm.bench.plan import apply, layout_of, predict
+from megalm.bench.machine import Machine
+from megalm.bench.plan import apply
+from megalm.bench.plan_model import layout_of, predict
 from megalm.config import load_config, resolve
 
 ROOT = Path(__file__).resolve().parents[2]

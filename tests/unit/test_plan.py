@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from megalm.bench.plan import GIB, Layout, main, parameters_per_rank, plan, shared_embedding, state_bytes_per_parameter
+from megalm.bench.plan import main, plan
+from megalm.bench.plan_model import GIB, Layout, parameters_per_rank, shared_embedding, state_bytes_per_parameter
 from megalm.config import ConfigError, ModelConfig, load_config
 
 
@@ -112,7 +113,7 @@ def test_activation_counts_on_meta_equal_what_a_real_forward_saves(checkpointing
 
 @pytest.mark.parametrize("extra", [[], ["parallel.activation_checkpointing=full"], ["train.micro_batch_size=4"]])
 def test_predicted_peak_memory_is_within_10_percent_of_measured_in_one_process(tmp_path, extra):
-    from megalm.bench.plan import layout_of, memory_per_rank
+    from megalm.bench.plan_model import layout_of, memory_per_rank
     from megalm.bench.train import main as bench
     from megalm.config import resolve
 
@@ -128,7 +129,7 @@ def test_predicted_peak_memory_is_within_10_percent_of_measured_in_one_process(t
 
 
 def test_a_machine_interpolates_its_measured_collective_table_and_round_trips(tmp_path):
-    from megalm.bench.calibrate import Machine
+    from megalm.bench.machine import Machine
 
     machine = Machine(device="cpu", collective_table=[[1024.0, 1e-4], [1 << 20, 1e-3], [8 << 20, 6e-3]],
                       latency_s={"intra": 1e-4, "inter": 2e-4}, bandwidth={"intra": 1e9, "inter": 1e8})
