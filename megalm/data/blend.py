@@ -140,13 +140,20 @@ def tokenizer_prefix(data_cfg) -> str | None:
 
 def open_split(data_cfg, split: str, vocab_size: int | None):
     """The split of data.prefix (a TokenDataset) or of data.blend (a BlendedDataset)."""
+    from megalm.data.chat_dataset import ChatDataset
+    from megalm.data.chat_preprocess import is_chat_dataset
     from megalm.data.dataset import TokenDataset
 
     def one(prefix):
-        return TokenDataset(prefix, split, data_cfg.seq_len, data_cfg.seed, vocab_size, tuple(data_cfg.split))
+        kind = ChatDataset if is_chat_dataset(prefix) else TokenDataset     # conversations: one per sample
+        return kind(prefix, split, data_cfg.seq_len, data_cfg.seed, vocab_size, tuple(data_cfg.split))
     if data_cfg.blend is None:
         return one(data_cfg.prefix)
     pairs = blend_sources(data_cfg.blend)
     prefixes = [p for p, _ in pairs]
+    chats = [is_chat_dataset(p) for p in prefixes]
+    if any(chats) and not all(chats):
+        raise DataError(f"data.blend mixes chat datasets ({', '.join(p for p, c in zip(prefixes, chats) if c)}) "
+                        f"with token datasets: blend one kind only")
     same_tokenizer(prefixes)
     return BlendedDataset([one(p) for p in prefixes], [w for _, w in pairs], prefixes)

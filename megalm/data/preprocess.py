@@ -7,6 +7,8 @@ removal its MinHash index). Two passes when a tokenizer is trained (one to train
 one to encode), one otherwise. The output is byte-identical for any number of workers.
 
 ``megalm preprocess merge A B --output-prefix C`` joins datasets tokenized in parts (``--shard I/N``).
+``megalm preprocess chat --input F.jsonl --tokenizer T --output-prefix P`` prepares conversations for fine-tuning
+(``megalm.data.chat_preprocess``).
 """
 from __future__ import annotations
 
@@ -336,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         from megalm.data.merge import main as merge_main
         return merge_main(argv[1:])
+    if argv[:1] == ["chat"]:
+        from megalm.data.chat_preprocess import main as chat_main
+        return chat_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         near_dup = NearDupConfig(args.near_dup_shingle, args.near_dup_perms, args.near_dup_bands,

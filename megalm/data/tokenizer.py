@@ -78,6 +78,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's character span, with special-token text encoded as the special token (a chat
+        template's markers are; ``megalm.data.chat`` refuses message content that holds any)."""
+        before = self._tok.encode_special_tokens
+        self._tok.encode_special_tokens = False
+        try:
+            encoding = self._tok.encode(text, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = before
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) gives the same ids without computing character offsets
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)

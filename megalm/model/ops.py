@@ -52,9 +52,11 @@ def torch_swiglu(gate, up):
     return F.silu(gate) * up
 
 
-def torch_linear_cross_entropy(h, weight, targets):
-    """Mean cross entropy of the logits h @ weight^T, h (N, H), targets (N,): full logits, softmax in fp32."""
-    return F.cross_entropy(F.linear(h, weight).float(), targets)
+def torch_linear_cross_entropy(h, weight, targets, ignore_index: int = -100):
+    """Mean cross entropy of the logits h @ weight^T over the targets that are not ``ignore_index``, h (N, H),
+    targets (N,): full logits, softmax in fp32. No target at all gives 0 (not NaN), as the fused kernel does."""
+    total = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 @dataclass

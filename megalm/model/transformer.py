@@ -307,7 +307,12 @@ class ModelChunk(nn.Module):
         logits = self.head_logits(h)
         if targets is None:
             return logits
-        return vocab_parallel_cross_entropy(logits.float(), targets, self.tp).mean()
+        losses = vocab_parallel_cross_entropy(logits.float(), targets, self.tp)     # 0 where a target is ignored
+        return losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+IGNORE_INDEX = -100
+"""A target the loss skips (a prompt token of a chat example, or padding): ``megalm.data.chat_dataset.IGNORE``."""
 
 
 def full_logits(logits_local, tp: TensorParallel):

@@ -7,6 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megalm.data.chat_dataset import IGNORE, inputs_and_targets
 from megalm.parallel.pipeline.schedules import SCHEDULES
 from megalm.parallel.topology import Topology
 from megalm.runtime.phases import timed
@@ -24,9 +25,9 @@ def _callbacks(engine, p2p, micro_batches, poison: bool = False, phases=None):
     m = len(micro_batches)
 
     def forward_step(chunk, i, x):
-        tokens = micro_batches[i]
-        inputs = tokens[:, :-1] if p2p.is_first(chunk) else x
-        targets = tokens[:, 1:] if p2p.is_last(chunk) else None
+        inputs, targets = inputs_and_targets(micro_batches[i])
+        inputs = inputs if p2p.is_first(chunk) else x
+        targets = targets if p2p.is_last(chunk) else None
         with timed(phases, "forward", f"micro-batch {i} chunk {chunk}"):
             out = engine.forward(chunk, inputs, targets)
         if poison and p2p.is_last(chunk):            # MEGALM_FAULTS nan: a planted NaN
@@ -91,20 +92,23 @@ def _non_finite_message(loss: float, step: int, losses, topo: Topology, precisio
 
 @torch.no_grad()
 def evaluate(engine, p2p, batches, topo: Topology) -> float:
-    """Mean token loss over ``batches`` (this data-parallel rank's share), forward only through the pipeline."""
+    """Mean loss per scored token over ``batches`` (this data-parallel rank's share), forward only through the
+    pipeline."""
     for chunk in engine.chunks:
         chunk.eval()
     total, count = 0.0, 0
     try:
-        for tokens in batches:
+        for batch in batches:
+            inputs, targets = inputs_and_targets(batch)
+            scored = int((targets != IGNORE).sum())         # every token of pretraining data; a chat's answers
             for c in range(len(engine.chunks)):
-                x = tokens[:, :-1] if p2p.is_first(c) else p2p.recv_forward(c)
-                out = engine.forward(c, x, tokens[:, 1:] if p2p.is_last(c) else None)
+                x = inputs if p2p.is_first(c) else p2p.recv_forward(c)
+                out = engine.forward(c, x, targets if p2p.is_last(c) else None)
                 if p2p.is_last(c):
-                    total += float(out) * tokens.shape[0]
+                    total += float(out) * scored
                 else:
                     p2p.send_forward(out, c)
-            count += tokens.shape[0]
+            count += scored
         p2p.flush()
     finally:
         for chunk in engine.chunks:

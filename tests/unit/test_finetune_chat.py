@@ -1,0 +1,81 @@
+"""Fine-tuning on conversations end to end: the training loss is the mean over the assistant's tokens only
+(checked against the model computed by hand on the same samples), evaluation scores the same tokens, and
+fine-tuning at tp = 2 gives the losses of tp = 1."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalm.config import load_config, resolve
+from megalm.data.chat_dataset import IGNORE, ChatDataset, inputs_and_targets
+from megalm.data.chat_preprocess import preprocess_chat
+from megalm.runtime.spawn import run_distributed
+from megalm.train.loop import train
+from megalm.train.metrics import read_metrics
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def chat_data(tiny_corpus, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    rows = []
+    for a in range(12):
+        for b in range(12):
+            rows.append({"prompt": f"what is {a} plus {b}?", "response": f"{a + b}"})
+            rows.append({"messages": [{"role": "system", "content": "Answer in words."},
+                                      {"role": "user", "content": f"{a} times {b}"},
+                                      {"role": "assistant", "content": f"it is {a * b}"}]})
+    (folder / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    preprocess_chat([str(folder / "chat.jsonl")], f"{tiny_corpus}.tokenizer.json", str(folder / "sft"),
+                    max_tokens=33, say=lambda line: None)
+    return str(folder / "sft")
+
+
+def chat_overrides(prefix, run_dir, **extra):
+    return tiny_overrides(prefix, run_dir, **{"train.steps": 3, "model.vocab_size": 512, "data.split": "[80,10,10]",
+                                              **extra})
+
+
+def test_the_training_loss_covers_the_assistant_tokens_only(chat_data, tmp_path):
+    cfg = load_config(None, chat_overrides(chat_data, tmp_path))
+    train(cfg)
+    logged = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+
+    from megalm.parallel.parallelize import build_chunks
+    from megalm.parallel.topology import build_topology
+
+    resolved = resolve(cfg, 1)
+    chunk = build_chunks(resolved, build_topology(), torch.device("cpu"))[0]
+    data = ChatDataset(chat_data, "train", 32, split_weights=(80, 10, 10))
+    first = torch.from_numpy(torch.stack([torch.from_numpy(data[i]) for i in range(4)]).numpy())
+    by_hand = []
+    for micro in (first[:2], first[2:]):
+        inputs, targets = inputs_and_targets(micro)
+        assert (targets != IGNORE).sum() < targets.numel() / 2          # most positions are prompt or padding
+        h = chunk(inputs)                                                # logits
+        losses = F.cross_entropy(h.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        by_hand.append(losses.item())
+    assert logged[0] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert any("val_loss" in r for r in read_metrics(tmp_path))
+
+
+def _train(rank, world, overrides):
+    train(load_config(None, overrides))
+
+
+@pytest.mark.slow
+def test_chat_fine_tuning_at_tp2_equals_tp1(chat_data, tiny_corpus, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    train(load_config(None, tiny_overrides(tiny_corpus, pretrained, **{"train.steps": 2})))
+    curves = {}
+    for tp in (1, 2):
+        run_dir = tmp_path / f"tp{tp}"
+        args = chat_overrides(chat_data, run_dir, **{"parallel.tp": tp, "checkpoint.load": pretrained,
+                                                     "checkpoint.load_weights_only": "true"})
+        if tp == 1:
+            train(load_config(None, args))
+        else:
+            run_distributed(_train, 2, args)
+        curves[tp] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    torch.testing.assert_close(torch.tensor(curves[2]), torch.tensor(curves[1]), rtol=1e-5, atol=0)
