@@ -2,14 +2,15 @@
 
     megalm preprocess [--input PATH ...] --output-prefix PREFIX     corpus -> PREFIX.bin/.idx + tokenizer
     megalm train --config FILE [section.key=value ...]              train (resumes an existing run dir)
-    megalm finetune --checkpoint CKPT --config FILE [overrides]     train from a checkpoint's (or HF's) weights
+    megalm finetune --checkpoint CKPT [--data F.jsonl] [--config FILE] [overrides]   from a checkpoint's weights
     megalm eval --checkpoint RUN_DIR [--data PREFIX | --text FILE]  loss and perplexity
     megalm generate --checkpoint RUN_DIR [--prompt TEXT]            sample text with a KV cache
     megalm convert ...                                              checkpoints: layouts, Hugging Face, DeepSpeed
     megalm checkpoint list RUN_DIR                                  each checkpoint: committed, verified, damaged
     megalm bench kernels|bubble|train|memory|convert ...            benchmarks, each beside its baseline
     megalm bench compare NEW.json OLD.json                          the regression gate (exit 1 when worse)
-    megalm plan --config FILE --gpus N --gpu-memory 80GB         layouts that fit: memory per rank, step time
+    megalm plan --config FILE --gpus N --gpu-memory 80GB            layouts that fit: memory per rank, step time
+    megalm preprocess chat --input F.jsonl --tokenizer T --output-prefix P   conversations for fine-tuning
     megalm config [--config FILE] [overrides]                       print every config key, or a resolved config
 """
 from __future__ import annotations
@@ -58,12 +59,23 @@ def _finetune(argv) -> int:
                                  "megalm run, or a Hugging Face model converted with megalm convert from-hf).")
     ap.add_argument("--checkpoint", required=True, help="megalm checkpoint (run dir or step folder)")
     ap.add_argument("--config", help="YAML config for data, schedule and layout; the model comes from the checkpoint")
+    ap.add_argument("--data", metavar="FILE.jsonl", help="conversations (prompt/response or messages), prepared "
+                    "with the checkpoint's tokenizer and chat template; the loss is on the assistant's tokens")
+    ap.add_argument("--loss-on", choices=("all", "last"), default="all", help="--data: assistant turns trained on")
+    ap.add_argument("--overflow", choices=("truncate", "drop"), default="truncate",
+                    help="--data: a conversation longer than data.seq_len + 1")
+    ap.add_argument("--template", metavar="FILE", help="--data: a Jinja chat template instead of the tokenizer's")
     ap.add_argument("overrides", nargs="*", help="section.key=value; train.run_dir= names the run directory "
                     "(default: a new runs/finetune-CHECKPOINT-DATA; a config file's run_dir is not used)")
-    args = ap.parse_args(argv)
-    from megalm.train.finetune import finetune_overrides
+    args = ap.parse_intermixed_args(argv)
+    from megalm.train.finetune import chat_data_prefix, finetune_overrides
+    overrides = list(args.overrides)
+    if args.data:
+        seq_len = load_config(args.config, overrides).data.seq_len
+        prefix = chat_data_prefix(args.checkpoint, args.data, seq_len, args.loss_on, args.overflow, args.template)
+        overrides.append(f"data.prefix={prefix}")
     return train(load_config(args.config, finetune_overrides(args.checkpoint, args.config,
-                                                             args.overrides))).get("exit_status", 0)
+                                                             overrides))).get("exit_status", 0)
 
 
 def _config(argv) -> int:

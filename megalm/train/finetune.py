@@ -68,6 +68,42 @@ def finetune_overrides(checkpoint: str, config: str | None, overrides: list[str]
     return [*overrides, f"train.run_dir={run_dir}"]
 
 
+def chat_data_prefix(checkpoint: str, jsonl: str, seq_len: int, loss_on: str = "all", overflow: str = "truncate",
+                     template: str | None = None) -> str:
+    """``megalm finetune --data FILE.jsonl``: the conversations prepared with the checkpoint's tokenizer (and its
+    chat template) for ``seq_len``, under ``runs/chat-data/``, named by a hash of the file, the tokenizer and the
+    options, so the same command reuses them and any change prepares them anew. Every rank prepares under its own
+    temporary names when they are missing (renames are atomic and the bytes identical)."""
+    import hashlib
+
+    from megalm.checkpoint.format import latest_checkpoint
+    from megalm.data.chat_preprocess import is_chat_dataset, preprocess_chat
+
+    folder = latest_checkpoint(checkpoint)
+    if folder is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: no committed megalm checkpoint there")
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise ConfigError(f"--checkpoint {checkpoint} carries no tokenizer.json, so --data cannot be tokenized as "
+                          f"it was trained: convert it again with its tokenizer")
+    source = Path(jsonl)
+    if not source.is_file():
+        raise ConfigError(f"--data {jsonl}: no such file")
+    from megalm.data.tokenizer import special_path
+
+    special = Path(special_path(tokenizer))
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), tokenizer.read_bytes(), special.read_bytes() if special.is_file() else b"",
+                 (Path(template).read_bytes() if template else b""), f"{seq_len}/{loss_on}/{overflow}".encode()):
+        digest.update(part)
+    prefix = Path("runs") / "chat-data" / f"{source.stem}-{digest.hexdigest()[:12]}"
+    if not (is_chat_dataset(prefix) and Path(f"{prefix}.report.json").is_file()):
+        say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda line: None)
+        preprocess_chat([str(source)], str(tokenizer), str(prefix), seq_len + 1, overflow, loss_on,
+                        Path(template).read_text() if template else None, say=say)
+    return str(prefix)
+
+
 def check_tokenizer(reader, data_tokenizer, data_prefix) -> None:
     """The data must be tokenized with the checkpoint's tokenizer (when the checkpoint carries one)."""
     from megalm.data.tokenizer import load_tokenizer

@@ -79,3 +79,26 @@ def test_chat_fine_tuning_at_tp2_equals_tp1(chat_data, tiny_corpus, tmp_path):
             run_distributed(_train, 2, args)
         curves[tp] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     torch.testing.assert_close(torch.tensor(curves[2]), torch.tensor(curves[1]), rtol=1e-5, atol=0)
+
+
+def test_finetune_data_jsonl_prepares_with_the_checkpoints_tokenizer_once(chat_data, tiny_corpus, tmp_path,
+                                                                          monkeypatch, capsys):
+    from megalm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    pretrained = tmp_path / "pretrained"
+    train(load_config(None, tiny_overrides(tiny_corpus, pretrained, **{"train.steps": 2})))
+    rows = [{"prompt": f"{a} plus {b}", "response": str(a + b)} for a in range(10) for b in range(10)]
+    (tmp_path / "sums.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["finetune", "--checkpoint", str(pretrained), "--data", "sums.jsonl", "--loss-on", "last"] + \
+        [o for o in tiny_overrides(tiny_corpus, tmp_path / "ft", **{"train.steps": 2, "data.split": "[80,10,10]"})
+         if not o.startswith(("data.prefix=", "train.run_dir="))]
+    capsys.readouterr()
+    assert main(args) in (0, None)
+    out = capsys.readouterr().out
+    assert "megalm preprocess chat: 100 kept" in out and "runs/chat-data/sums-" in out
+    run_dirs = list((tmp_path / "runs").glob("finetune-*"))
+    assert len(run_dirs) == 1 and [r["step"] for r in read_metrics(run_dirs[0]) if "loss" in r] == [1, 2]
+    assert main(args + ["train.steps=3"]) in (0, None)                   # resumes; the prepared data reused
+    out = capsys.readouterr().out
+    assert "megalm preprocess chat" not in out and "resuming from" in out
