@@ -29,6 +29,8 @@ def text_samples(tokenizer, path: str, seq_len: int) -> list[np.ndarray]:
 
 def main(argv=None) -> int:
     from megalm.data.blend import BlendedDataset, open_split
+    from megalm.data.chat_dataset import ChatDataset
+    from megalm.data.chat_preprocess import is_chat_dataset
     from megalm.data.dataset import TokenDataset
     from megalm.inference import checkpoint_config, checkpoint_tokenizer, load_model
     from megalm.runtime import finish
@@ -39,6 +41,10 @@ def main(argv=None) -> int:
     source.add_argument("--data", help="dataset prefix (default: the one the model was trained on)")
     ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
     source.add_argument("--text", help="a UTF-8 text file to score instead of a dataset")
+    source.add_argument("--exact-match", metavar="FILE.jsonl", help="questions with short answers (conversations "
+                        "whose last message is the answer): the accuracy of greedy replies")
+    ap.add_argument("--answer-regex", help="with --exact-match: the answer is this pattern's first group in the reply")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="with --exact-match: longest reply")
     ap.add_argument("--samples", type=int, default=256, help="most samples to score")
     ap.add_argument("overrides", nargs="*", help="layout overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
@@ -46,6 +52,8 @@ def main(argv=None) -> int:
         from megalm.config import ConfigError
 
         raise ConfigError(f"--samples={args.samples} must be at least 1")
+    if args.exact_match:
+        return _exact_match(args)
     cfg, reader = checkpoint_config(args.checkpoint, args.overrides)
     seq = cfg.data.seq_len
     if args.text:
@@ -54,7 +62,8 @@ def main(argv=None) -> int:
         where = args.text
     else:
         if args.data:
-            ds = TokenDataset(args.data, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
+            kind = ChatDataset if is_chat_dataset(args.data) else TokenDataset    # a chat's answers only
+            ds = kind(args.data, args.split, seq, cfg.data.seed, cfg.model.vocab_size, tuple(cfg.data.split))
             where = f"{args.data} ({args.split})"
         else:
             ds = open_split(cfg.data, args.split, cfg.model.vocab_size)
@@ -73,5 +82,33 @@ def main(argv=None) -> int:
     if rt.is_logging_rank:
         print(f"eval {where}: {sum(b.shape[0] for b in batches)} samples x {seq} tokens | loss {loss:.4f} | "
               f"perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
+    finish(rt)
+    return 0
+
+
+def _exact_match(args) -> int:
+    from megalm.answers import exact_match, extractor, questions
+    from megalm.checkpoint.format import CheckpointError
+    from megalm.config import ConfigError
+    from megalm.inference import checkpoint_config, checkpoint_tokenizer, load_model
+    from megalm.runtime import finish
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    extract = extractor(args.answer_regex)
+    items, dropped = questions(args.exact_match)
+    cfg, reader = checkpoint_config(args.checkpoint, args.overrides + ["parallel.sequence_parallel=false"])
+    tokenizer = checkpoint_tokenizer(reader)
+    if tokenizer is None:
+        raise CheckpointError(f"{reader.folder} carries no tokenizer.json; cannot render the questions")
+    rt, cfg, engine = load_model(cfg, reader)
+    result = exact_match(engine, rt.topo, tokenizer, items, args.max_new_tokens, cfg.model.max_seq_len, extract)
+    if rt.is_logging_rank:
+        skipped = f"; skipped {sum(dropped.values())} records ({dropped})" if dropped else ""
+        print(f"exact match on {args.exact_match}: {result['correct']}/{result['total']} = "
+              f"{result['accuracy']:.1%}{skipped}", flush=True)
+        for example in result["examples"]:
+            print(f"  {'ok ' if example['correct'] else 'MISS'} {example['question']!r}: expected "
+                  f"{example['expected']!r}, replied {example['reply']!r}", flush=True)
     finish(rt)
     return 0

@@ -103,19 +103,27 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="the prompt is a user message: render it with the "
+                    "checkpoint's chat template (or megalm's default) and print only the reply")
+    ap.add_argument("--system", help="with --chat: a system message before the prompt")
     ap.add_argument("overrides", nargs="*", help="layout overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat (a system message only exists in a conversation)")
     cfg, reader = checkpoint_config(args.checkpoint, args.overrides + ["parallel.sequence_parallel=false"])
     tokenizer = checkpoint_tokenizer(reader)
     if tokenizer is None:
         raise CheckpointError(f"{reader.folder} carries no tokenizer.json; cannot turn the prompt into tokens")
-    prompt_ids = prompt_tokens(tokenizer, args.prompt, cfg.model.max_seq_len)
+    if args.chat:
+        prompt_ids = chat_prompt_tokens(tokenizer, args.prompt, args.system, cfg.model.max_seq_len)
+    else:
+        prompt_ids = prompt_tokens(tokenizer, args.prompt, cfg.model.max_seq_len)
     rt, cfg, engine = load_model(cfg, reader)
     ids = generate_ids(engine, rt.topo, prompt_ids, args.max_new_tokens, args.temperature,
                        args.top_k, args.top_p, args.seed, tokenizer.vocab_size, tokenizer.eod_id, cfg.model.max_seq_len)
     if rt.is_logging_rank:
-        print(tokenizer.decode(ids), flush=True)
+        print(reply_text(tokenizer, ids[len(prompt_ids):]) if args.chat else tokenizer.decode(ids), flush=True)
         new = len(ids) - len(prompt_ids)
         if new < args.max_new_tokens and ids[-1] != tokenizer.eod_id:
             print(f"generate: stopped after {new} new tokens at model.max_seq_len={cfg.model.max_seq_len} "
@@ -123,6 +131,27 @@ def main(argv=None) -> int:
                   flush=True)
     finish(rt)
     return 0
+
+
+def chat_prompt_tokens(tokenizer, prompt: str, system: str | None, max_len: int) -> list[int]:
+    """A user message (after an optional system message) rendered with the chat template, ready for the reply."""
+    from megalm.data.chat import ChatRenderer
+
+    if not prompt.strip():
+        raise ConfigError("--prompt is empty; give the user's message")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids, _ = tokenizer.encode_with_offsets(ChatRenderer(tokenizer).render(messages, add_generation_prompt=True))
+    if len(ids) >= max_len:
+        raise ConfigError(f"the rendered chat prompt is {len(ids)} tokens, but model.max_seq_len={max_len} leaves "
+                          f"no room for a reply; shorten it to fewer than {max_len} tokens")
+    return ids
+
+
+def reply_text(tokenizer, new_ids: list[int]) -> str:
+    """The reply: the generated tokens up to (not including) the end-of-turn token."""
+    if tokenizer.eod_id in new_ids:
+        new_ids = new_ids[:new_ids.index(tokenizer.eod_id)]
+    return tokenizer.decode(new_ids)
 
 
 def prompt_tokens(tokenizer, prompt: str, max_len: int) -> list[int]:

@@ -102,3 +102,43 @@ def test_finetune_data_jsonl_prepares_with_the_checkpoints_tokenizer_once(chat_d
     assert main(args + ["train.steps=3"]) in (0, None)                   # resumes; the prepared data reused
     out = capsys.readouterr().out
     assert "megalm preprocess chat" not in out and "resuming from" in out
+
+
+def test_fine_tuning_teaches_a_task_the_untuned_model_cannot_do(tiny_corpus, tmp_path, monkeypatch, capsys):
+    """Echo a short word (train on 220 words, score 40 held-out ones by exact match of greedy replies): the
+    pretrained model scores none; 600 steps of fine-tuning (8 s here) score 75% on this machine (asserted: 50%)."""
+    import random
+    import re
+
+    from megalm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choices("abcdefghij", k=rng.randint(2, 3))) for _ in range(400)})
+    rng.shuffle(words)
+    for name, chosen, repeat in (("train", words[:-40], 3), ("test", words[-40:], 1)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {w}", "response": w})
+                                                          for w in chosen * repeat))
+    shape = [f"data.prefix={tiny_corpus}", "model.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32",
+             "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4",
+             "model.ffn_hidden_size=128", "train.micro_batch_size=8", "train.global_batch_size=16",
+             "train.eval_interval=0", "checkpoint.interval=0", "logging.plot=false", "logging.tensorboard=false",
+             "train.log_interval=1000", "train.eval_samples=8"]
+    assert main(["train", "--config", "tiny", *shape, "train.steps=50", "train.run_dir=pre"]) in (0, None)
+    assert main(["finetune", "--checkpoint", "pre", "--data", "train.jsonl", "--config", "tiny", *shape,
+                 "train.steps=600", "optimizer.lr=3e-3", "lr.warmup_steps=20", "data.split=[90,5,5]",
+                 "train.run_dir=tuned"]) in (0, None)
+    capsys.readouterr()
+
+    def accuracy(checkpoint: str) -> float:
+        assert main(["eval", "--checkpoint", checkpoint, "--exact-match", "test.jsonl", "--max-new-tokens", "8"]) == 0
+        line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("exact match on"))
+        right, total = line.split(": ")[1].split(" = ")[0].split("/")
+        assert int(total) == 40
+        return int(right) / 40
+    assert accuracy("pre") <= 0.05
+    assert accuracy("tuned") >= 0.5
+    assert main(["generate", "--checkpoint", "tuned", "--chat", "--prompt", "say abc", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    reply = capsys.readouterr().out.strip()               # only the reply: no template, no end-of-turn token
+    assert re.fullmatch("[a-j]{1,8}", reply), reply
