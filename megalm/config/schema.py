@@ -161,6 +161,13 @@ class DataConfig(_Freezable):
     or [{prefix: data/a, weight: 0.3}, ...] or [{prefix: data/a, tokens: 2e9}, ...] (weights from token counts);
     every source needs the same tokenizer. Samples are assigned to sources greedily by largest deficit, so after
     n samples each source has its weight times n within one sample."""
+    document_mask: bool = False
+    """Pretraining data: attention stays within each document of a sample (a block-diagonal causal mask, positions
+    restarting at each document, as Llama 3 trains) and the end-of-document token predicts nothing; off: the
+    documents of a sample see each other, as GPT-2 and Megatron's default train."""
+    pack: bool = False
+    """Chat data: pack several conversations into each sample (in order, as many as fit), each attending only to
+    itself, positions restarting; off: one conversation per sample, padded."""
 
 
 @dataclass

@@ -138,6 +138,16 @@ def tokenizer_prefix(data_cfg) -> str | None:
     return data_cfg.prefix
 
 
+def _eod(prefix) -> int:
+    from megalm.data.tokenizer import dataset_tokenizer
+
+    tokenizer = dataset_tokenizer(prefix)
+    if tokenizer is None:
+        raise DataError(f"data.document_mask needs {prefix}'s tokenizer (PREFIX.tokenizer.json) to find where "
+                        f"documents end; preprocess it again, or set data.document_mask=false")
+    return tokenizer.eod_id
+
+
 def open_split(data_cfg, split: str, vocab_size: int | None):
     """The split of data.prefix (a TokenDataset) or of data.blend (a BlendedDataset)."""
     from megalm.data.chat_dataset import ChatDataset
@@ -145,8 +155,10 @@ def open_split(data_cfg, split: str, vocab_size: int | None):
     from megalm.data.dataset import TokenDataset
 
     def one(prefix):
-        kind = ChatDataset if is_chat_dataset(prefix) else TokenDataset     # conversations: one per sample
-        return kind(prefix, split, data_cfg.seq_len, data_cfg.seed, vocab_size, tuple(data_cfg.split))
+        args = (prefix, split, data_cfg.seq_len, data_cfg.seed, vocab_size, tuple(data_cfg.split))
+        if is_chat_dataset(prefix):                    # conversations: one per sample, or packed
+            return ChatDataset(*args, pack=data_cfg.pack)
+        return TokenDataset(*args, document_eod=_eod(prefix) if data_cfg.document_mask else None)
     if data_cfg.blend is None:
         return one(data_cfg.prefix)
     pairs = blend_sources(data_cfg.blend)

@@ -1,4 +1,5 @@
-"""Samples of a chat dataset (``megalm preprocess chat``): one conversation per sample, padded to seq_len + 1.
+"""Samples of a chat dataset (``megalm preprocess chat``): one conversation per sample, padded to seq_len + 1, or
+(``data.pack``) as many whole conversations as fit, each attending only to itself.
 
 A sample is a (2, seq_len + 1) int64 array: row 0 the tokens, row 1 the loss mask (1 on the assistant's tokens,
 0 on the prompt and the padding). ``inputs_and_targets`` turns a micro-batch of them into the model's inputs and
@@ -23,7 +24,7 @@ IGNORE = -100
 
 class ChatDataset:
     def __init__(self, prefix: str, split: str, seq_len: int, seed: int = 1234, vocab_size: int | None = None,
-                 split_weights=(98, 1, 1), split_seed: int = 1234):
+                 split_weights=(98, 1, 1), split_seed: int = 1234, pack: bool = False):
         self.prefix, self.split, self.seq_len, self.seed = str(prefix), split, seq_len, seed
         self.indexed, self.masks = IndexedDataset(prefix), open_masks(prefix)
         top = self.indexed.max_token_id
@@ -39,7 +40,9 @@ class ChatDataset:
             raise DataError(f"a conversation of {int(lengths.max())} tokens in {prefix} is longer than "
                             f"data.seq_len + 1 = {seq_len + 1}: raise data.seq_len or preprocess with "
                             f"--max-tokens {seq_len + 1}")
-        self.num_samples = len(self.docs)
+        self.pack = pack
+        self.plan = pack_in_order(lengths, seq_len + 1) if pack else [[k] for k in range(len(self.docs))]
+        self.num_samples = len(self.plan)
         self._perm_epoch, self._perm = -1, None
         self.indexed.verify()
         self.masks.verify()
@@ -48,10 +51,17 @@ class ChatDataset:
         return self.num_samples
 
     def sample(self, k: int) -> np.ndarray:
-        doc = int(self.docs[k])
-        out = np.zeros((2, self.seq_len + 1), dtype=np.int64)
-        tokens, mask = self.indexed[doc], self.masks[doc]
-        out[0, :len(tokens)], out[1, :len(mask)] = tokens, mask
+        """(2, seq_len + 1): tokens, mask; packed, (3, seq_len + 1) with each position's conversation (1, 2, ...;
+        0 on the padding)."""
+        out = np.zeros((3 if self.pack else 2, self.seq_len + 1), dtype=np.int64)
+        at = 0
+        for number, position in enumerate(self.plan[k], 1):
+            doc = int(self.docs[position])
+            tokens, mask = self.indexed[doc], self.masks[doc]
+            out[0, at:at + len(tokens)], out[1, at:at + len(mask)] = tokens, mask
+            if self.pack:
+                out[2, at:at + len(tokens)] = number
+            at += len(tokens)
         return out
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -65,9 +75,32 @@ class ChatDataset:
         return self.sample(int(self._perm[k]))
 
 
-def inputs_and_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of a micro-batch: (B, T+1) token ids, or (B, 2, T+1) tokens and loss mask."""
+def pack_in_order(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Consecutive runs of documents whose lengths add up to at most ``capacity``: each sample is filled in order
+    until the next document would not fit (deterministic, so resuming packs alike)."""
+    plan, current, used = [], [], 0
+    for k, n in enumerate(int(x) for x in lengths):
+        if current and used + n > capacity:
+            plan.append(current)
+            current, used = [], 0
+        current.append(k)
+        used += n
+    if current:
+        plan.append(current)
+    return plan
+
+
+def inputs_and_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, segments) of a micro-batch: (B, T+1) token ids; (B, 2, T+1) tokens and loss mask; or
+    (B, 3, T+1) tokens, loss mask and each position's document (packed documents: segments for the model, and
+    no target across a document boundary, so the last token of one never predicts the first of the next)."""
     if batch.dim() == 2:
-        return batch[:, :-1], batch[:, 1:]
+        return batch[:, :-1], batch[:, 1:], None
     tokens, mask = batch[:, 0], batch[:, 1]
-    return tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+    ignored = mask[:, 1:] == 0
+    segments = None
+    if batch.shape[1] == 3:
+        segments = batch[:, 2]
+        ignored = ignored | (segments[:, 1:] != segments[:, :-1])
+        segments = segments[:, :-1]
+    return tokens[:, :-1], tokens[:, 1:].masked_fill(ignored, IGNORE), segments

@@ -54,7 +54,10 @@ class TokenDataset:
     """
 
     def __init__(self, prefix: str, split: str, seq_len: int, seed: int = 1234, vocab_size: int | None = None,
-                 split_weights=(98, 1, 1), split_seed: int = 1234):
+                 split_weights=(98, 1, 1), split_seed: int = 1234, document_eod: int | None = None):
+        """``document_eod``: the end-of-document id; samples then carry each position's document
+        (``data.document_mask``): (3, seq_len + 1) rows of tokens, loss mask (all ones) and document index."""
+        self.document_eod = document_eod
         if split not in SPLITS:
             raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         if seq_len < 1:
@@ -124,7 +127,12 @@ class TokenDataset:
             pieces.append(piece)
             need -= len(piece)
             pos, offset = pos + 1, 0
-        return np.concatenate(pieces).astype(np.int64)
+        tokens = np.concatenate(pieces).astype(np.int64)
+        if self.document_eod is None:
+            return tokens
+        ends = tokens == self.document_eod            # a document ends with its end-of-document token
+        segments = np.concatenate([[0], np.cumsum(ends[:-1])])
+        return np.stack([tokens, np.ones_like(tokens), segments])
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:

@@ -32,8 +32,9 @@ class Engine(ABC):
     """A ``megalm.runtime.phases.PhaseClock`` timing ``step`` (data-parallel reduction, optimizer); None: off."""
 
     @abstractmethod
-    def forward(self, chunk: int, x, targets=None):
-        """Run model chunk ``chunk``: activations (or, on the last stage with targets, the mean loss)."""
+    def forward(self, chunk: int, x, targets=None, segments=None):
+        """Run model chunk ``chunk``: activations (or, on the last stage with targets, the mean loss);
+        ``segments``: each position's document in a packed sequence."""
 
     @abstractmethod
     def backward(self, chunk: int, output, output_grad=None) -> None:

@@ -29,9 +29,9 @@ class NativeEngine(Engine):
         if cfg.train.precision == "fp16":
             self.scaler = DynamicLossScaler(topo, cfg.train.initial_loss_scale, cfg.train.loss_scale_window)
 
-    def forward(self, chunk: int, x, targets=None):
+    def forward(self, chunk: int, x, targets=None, segments=None):
         with autocast_for(self.cfg.train.precision, self.device):
-            return self.chunks[chunk](x, targets)
+            return self.chunks[chunk](x, targets, segments=segments)
 
     def backward(self, chunk: int, output, output_grad=None):
         if output_grad is None:

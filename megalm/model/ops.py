@@ -16,13 +16,16 @@ import torch
 import torch.nn.functional as F
 
 
-def torch_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0):
+def torch_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, mask=None):
     """q: (B, Hq, T, D); k, v: (B, Hkv, Tk, D) with Hq a multiple of Hkv (grouped-query attention).
 
     With a KV cache Tk > T: the queries are the last T positions, so the causal mask is offset (bottom-right).
+    ``mask`` (B, 1, T, T) boolean, True where a query may attend: packed documents (it includes causality).
     """
     T, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     if not causal or T == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, dropout_p=dropout_p,
                                               enable_gqa=gqa)
@@ -71,10 +74,10 @@ class Ops:
     swiglu: Callable
     _linear_cross_entropy: Callable
 
-    def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
-        if dropout_p > 0.0 or q.shape[2] != k.shape[2]:
-            # The fused kernel has no dropout and no cache offset: both go to the reference.
-            return torch_attention(q, k, v, causal, dropout_p)
+    def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0, mask=None):
+        if dropout_p > 0.0 or q.shape[2] != k.shape[2] or mask is not None:
+            # The fused kernel has no dropout, no cache offset and no document mask yet: they go to the reference.
+            return torch_attention(q, k, v, causal, dropout_p, mask)
         return self._attention(q, k, v, causal)
 
     def norm(self, kind: str, x, weight, bias: Optional[torch.Tensor], eps: float):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
-from megalm.model.ops import Ops, reference_ops
+from megalm.model.ops import Ops, reference_ops, torch_rope
 from megalm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.tensor.layers import (
     ColumnParallelLinear,
@@ -115,10 +115,28 @@ def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
 
 
 def rope_tables(positions: torch.Tensor, freqs: torch.Tensor):
-    """cos, sin of shape (T, head_dim) in the Hugging Face Llama ("rotate half") convention."""
-    angles = positions.float()[:, None] * freqs[None, :]        # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)                # (T, D)
+    """cos, sin of shape (T, head_dim) in the Hugging Face Llama ("rotate half") convention; for positions of
+    shape (B, T) (packed documents, each restarting at 0), (B, 1, T, head_dim)."""
+    angles = positions.float()[..., None] * freqs                # (..., T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)                # (..., T, D)
+    if positions.dim() == 2:
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
+
+
+def document_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 where the segment id changes: each packed document from its start."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.zeros_like(segments, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: query i may attend to key j when both lie in one document and j <= i."""
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & torch.ones_like(same[0], dtype=torch.bool).tril())[:, None]
 
 
 class Attention(nn.Module):
@@ -158,14 +176,14 @@ class Attention(nn.Module):
         b = reduce_grad_over_tp(layer.bias, self.tp)[j * hd:(j + 1) * hd] if layer.bias is not None else None
         return F.linear(x, w, b)
 
-    def core(self, q, k, v):
+    def core(self, q, k, v, mask=None):
         drop = self.cfg.dropout if self.training else 0.0
         if drop and self.tp.size > 1:
             with tp_rng(0, self.tp, q.device):      # my heads' probabilities: a mask of their own
-                return self.ops.attention(q, k, v, causal=True, dropout_p=drop)
-        return self.ops.attention(q, k, v, causal=True, dropout_p=drop)
+                return self.ops.attention(q, k, v, causal=True, dropout_p=drop, mask=mask)
+        return self.ops.attention(q, k, v, causal=True, dropout_p=drop, mask=mask)
 
-    def forward(self, x, rope=None, cache: Optional[dict] = None, selective_checkpoint: bool = False):
+    def forward(self, x, rope=None, cache: Optional[dict] = None, selective_checkpoint: bool = False, mask=None):
         x = enter_tp(x, self.tp)                                   # (B, T, H) on every TP rank
         B, T, _ = x.shape
         hd = self.cfg.dim_per_head
@@ -176,15 +194,16 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)                 # (B, heads, T, hd), (B, kv, T, hd)
         v = self._kv(self.wv, x).view(B, T, self.local_kv, hd).transpose(1, 2)
         if rope is not None:
-            q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)
+            rotate = self.ops.rope if rope[0].dim() == 2 else torch_rope     # per-document positions: reference
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         if selective_checkpoint and torch.is_grad_enabled():
-            y = checkpoint(self.core, q, k, v, use_reentrant=False)
+            y = checkpoint(self.core, q, k, v, mask, use_reentrant=False)
         else:
-            y = self.core(q, k, v)                                 # (B, heads/tp, T, hd)
+            y = self.core(q, k, v, mask)                           # (B, heads/tp, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * hd)
         return self.wo(y)
 
@@ -232,15 +251,15 @@ class Block(nn.Module):
     def _drop(self, x):
         return sharded_dropout(x, self.dropout, self.training, self.tp, self.tp.sequence_parallel)
 
-    def _body(self, x, rope, cache):
+    def _body(self, x, rope, cache, mask=None):
         selective = self.checkpointing == "selective"
-        x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, selective))
+        x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, selective, mask))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
         if self.checkpointing == "full" and torch.is_grad_enabled() and cache is None:
-            return checkpoint(self._body, x, rope, None, use_reentrant=False)
-        return self._body(x, rope, cache)
+            return checkpoint(self._body, x, rope, None, mask, use_reentrant=False)
+        return self._body(x, rope, cache, mask)
 
 
 class ModelChunk(nn.Module):
@@ -265,7 +284,7 @@ class ModelChunk(nn.Module):
             if not cfg.tie_embeddings:
                 self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp, bias=False)
 
-    def embed_tokens(self, tokens, start_pos: int):
+    def embed_tokens(self, tokens, start_pos: int, positions=None):
         h = self.embed(tokens)                                     # (B, T, H), or (B, T/tp, H) under SP
         if self.cfg.position == "learned":
             T = h.shape[1]
@@ -273,13 +292,14 @@ class ModelChunk(nn.Module):
             pos = self.pos_embed
             if self.tp.sequence_parallel:
                 pos = reduce_grad_over_tp(pos, self.tp)            # each rank uses only its slice of positions
-            h = h + pos[offset:offset + T]
+            h = h + (pos[offset:offset + T] if positions is None else pos[positions[:, offset:offset + T]])
         return sharded_dropout(h, self.cfg.dropout, self.training, self.tp, self.tp.sequence_parallel)
 
-    def rope(self, seq_len: int, start_pos: int, device):
+    def rope(self, seq_len: int, start_pos: int, device, positions=None):
         if self.cfg.position != "rope":
             return None
-        positions = torch.arange(start_pos, start_pos + seq_len, device=device)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + seq_len, device=device)
         return rope_tables(positions, rope_frequencies(self.cfg, device))
 
     @property
@@ -291,15 +311,21 @@ class ModelChunk(nn.Module):
         """Vocabulary-parallel logits (B, T, V/tp) of the final hidden states."""
         return F.linear(enter_tp(self.norm(h), self.tp, kind="lm_head"), self.head_weight)
 
-    def forward(self, x, targets=None, cache: Optional[dict] = None, start_pos: int = 0):
+    def forward(self, x, targets=None, cache: Optional[dict] = None, start_pos: int = 0, segments=None):
         """First chunk: x is tokens (B, T). Others: hidden states. Last chunk returns the mean loss when
-        targets are given, else vocabulary-parallel logits; other chunks return hidden states."""
-        h = self.embed_tokens(x, start_pos) if self.first else x
+        targets are given, else vocabulary-parallel logits; other chunks return hidden states. ``segments``
+        (B, T), the document of each position of a packed sequence: attention stays within a document and
+        positions restart at each (every chunk gets them)."""
+        if segments is not None and (cache is not None or start_pos):
+            raise ValueError("packed documents (segments) are for training and scoring, not KV-cached decoding")
+        positions = document_positions(segments) if segments is not None else None
+        mask = document_mask(segments) if segments is not None else None
+        h = self.embed_tokens(x, start_pos, positions) if self.first else x
         # The full sequence length: tokens on the first chunk, sequence shards elsewhere under SP.
         seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel and not self.first else 1)
-        rope = self.rope(seq_len, start_pos, h.device)
+        rope = self.rope(seq_len, start_pos, h.device, positions)
         for i, layer in self.layers.items():
-            h = layer(h, rope, None if cache is None else cache.setdefault(int(i), {}))
+            h = layer(h, rope, None if cache is None else cache.setdefault(int(i), {}), mask)
         if not self.last:
             return h
         if targets is not None and self.tp.size == 1:          # fused (never the full logits) or the reference

@@ -25,11 +25,12 @@ def _callbacks(engine, p2p, micro_batches, poison: bool = False, phases=None):
     m = len(micro_batches)
 
     def forward_step(chunk, i, x):
-        inputs, targets = inputs_and_targets(micro_batches[i])
+        inputs, targets, segments = inputs_and_targets(micro_batches[i])
         inputs = inputs if p2p.is_first(chunk) else x
         targets = targets if p2p.is_last(chunk) else None
+        extra = {} if segments is None else {"segments": segments}
         with timed(phases, "forward", f"micro-batch {i} chunk {chunk}"):
-            out = engine.forward(chunk, inputs, targets)
+            out = engine.forward(chunk, inputs, targets, **extra)
         if poison and p2p.is_last(chunk):            # MEGALM_FAULTS nan: a planted NaN
             out = out * float("nan")
         return out / m if p2p.is_last(chunk) else out
@@ -99,11 +100,12 @@ def evaluate(engine, p2p, batches, topo: Topology) -> float:
     total, count = 0.0, 0
     try:
         for batch in batches:
-            inputs, targets = inputs_and_targets(batch)
+            inputs, targets, segments = inputs_and_targets(batch)
             scored = int((targets != IGNORE).sum())         # every token of pretraining data; a chat's answers
+            extra = {} if segments is None else {"segments": segments}
             for c in range(len(engine.chunks)):
                 x = inputs if p2p.is_first(c) else p2p.recv_forward(c)
-                out = engine.forward(c, x, targets if p2p.is_last(c) else None)
+                out = engine.forward(c, x, targets if p2p.is_last(c) else None, **extra)
                 if p2p.is_last(c):
                     total += float(out) * scored
                 else:

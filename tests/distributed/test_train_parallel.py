@@ -53,8 +53,10 @@ def reference(tiny_corpus, tmp_path_factory):
                  marks=pytest.mark.slow),
     pytest.param(2, {"parallel.pp": 2, "train.compile": "true", "parallel.activation_checkpointing": "selective"},
                  marks=pytest.mark.slow),
+    pytest.param(2, {"parallel.tp": 2, "parallel.sequence_parallel": "true", "data.document_mask": "true"},
+                 marks=pytest.mark.slow),
 ], ids=["tp2", "tp2-sp", "pp2", "dp2", "tp2-pp2-sp", "pp2-interleaved", "tp2-sp-compiled",
-        "pp2-compiled-selective"])
+        "pp2-compiled-selective", "tp2-sp-document-mask"])
 def test_loss_curve_equals_single_process(tiny_corpus, tmp_path, reference, world, layout):
     run_dir = tmp_path / "parallel"
     run_distributed(_train, world, overrides(tiny_corpus, run_dir, **layout))

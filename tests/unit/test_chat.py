@@ -111,7 +111,7 @@ def test_loss_on_the_last_turn_only(tokenizers_by_template):
 
 def test_the_loss_is_the_mean_over_assistant_tokens_by_hand():
     batch = torch.tensor([[[5, 6, 7, 8, 0], [0, 0, 1, 1, 0]]])           # tokens; mask on 7 and 8 (padded)
-    inputs, targets = inputs_and_targets(batch)
+    inputs, targets, _ = inputs_and_targets(batch)
     assert inputs.tolist() == [[5, 6, 7, 8]] and targets.tolist() == [[IGNORE, 7, 8, IGNORE]]
     logits = torch.randn(1, 4, 10)
     loss = F.cross_entropy(logits.view(-1, 10), targets.view(-1), ignore_index=IGNORE)

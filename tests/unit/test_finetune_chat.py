@@ -51,7 +51,7 @@ def test_the_training_loss_covers_the_assistant_tokens_only(chat_data, tmp_path)
     first = torch.from_numpy(torch.stack([torch.from_numpy(data[i]) for i in range(4)]).numpy())
     by_hand = []
     for micro in (first[:2], first[2:]):
-        inputs, targets = inputs_and_targets(micro)
+        inputs, targets, _ = inputs_and_targets(micro)
         assert (targets != IGNORE).sum() < targets.numel() / 2          # most positions are prompt or padding
         h = chunk(inputs)                                                # logits
         losses = F.cross_entropy(h.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
@@ -142,3 +142,34 @@ def test_fine_tuning_teaches_a_task_the_untuned_model_cannot_do(tiny_corpus, tmp
                  "--max-new-tokens", "8"]) == 0
     reply = capsys.readouterr().out.strip()               # only the reply: no template, no end-of-turn token
     assert re.fullmatch("[a-j]{1,8}", reply), reply
+
+
+def test_packed_chat_training_loss_is_the_packed_models_by_hand(chat_data, tmp_path):
+    """data.pack: several conversations per sample; the logged loss equals the model run by hand on the packed
+    samples with their segments (and fewer samples than conversations)."""
+    cfg = load_config(None, chat_overrides(chat_data, tmp_path, **{"data.pack": "true", "data.seq_len": 96,
+                                                                    "model.max_seq_len": 96}))
+    train(cfg)
+    logged = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+
+    from megalm.parallel.parallelize import build_chunks
+    from megalm.parallel.topology import build_topology
+
+    chunk = build_chunks(resolve(cfg, 1), build_topology(), torch.device("cpu"))[0]
+    data = ChatDataset(chat_data, "train", 96, split_weights=(80, 10, 10), pack=True)
+    alone = ChatDataset(chat_data, "train", 96, split_weights=(80, 10, 10))
+    assert len(data) < len(alone) / 1.5                               # conversations share samples
+    first = torch.stack([torch.from_numpy(data[i]) for i in range(4)])
+    assert first.shape == (4, 3, 97) and int(first[:, 2].max()) >= 2
+    by_hand = []
+    for micro in (first[:2], first[2:]):
+        inputs, targets, segments = inputs_and_targets(micro)
+        logits = chunk(inputs, segments=segments)
+        by_hand.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE).item())
+    assert logged[0] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+
+
+def test_pretraining_with_document_mask_trains(tiny_corpus, tmp_path):
+    train(load_config(None, tiny_overrides(tiny_corpus, tmp_path, **{"train.steps": 3, "data.document_mask": "true"})))
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)

@@ -52,14 +52,14 @@ def _tensors(obj):
 
 class _Chunks(torch.nn.Module):
     """All model chunks of this rank as one module, so one DeepSpeed engine (one optimizer, one gradient norm,
-    one ZeRO partitioning) covers them; ``forward(index, x, targets)`` runs chunk ``index``."""
+    one ZeRO partitioning) covers them; ``forward(index, x, targets, segments)`` runs chunk ``index``."""
 
     def __init__(self, chunks):
         super().__init__()
         self.chunks = torch.nn.ModuleList(chunks)
 
-    def forward(self, index: int, x, targets=None):
-        return self.chunks[index](x, targets)
+    def forward(self, index: int, x, targets=None, segments=None):
+        return self.chunks[index](x, targets, segments=segments)
 
 
 def _stage0_masters(opt) -> dict:
@@ -114,8 +114,8 @@ class DeepSpeedEngine(Engine):
         self.torch_optimizer.state.clear()
 
     # ---- the step ---------------------------------------------------------------------------------------
-    def forward(self, chunk: int, x, targets=None):
-        return self.ds(chunk, x, targets)
+    def forward(self, chunk: int, x, targets=None, segments=None):
+        return self.ds(chunk, x, targets, segments)
 
     def backward(self, chunk: int, output, output_grad=None):
         """The loss (last stage; already divided by the micro-batch count) or the surrogate sum(out * grad)."""
