@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="result folder (default runs/bench-plan)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    from megalm.bench.harness import write_result
+    from megalm.bench.harness import save_plot, write_result
 
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError(f"megalm plan: --gpus {args.gpus} and --gpus-per-node {args.gpus_per_node} must be >= 1")
@@ -172,5 +172,18 @@ def main(argv=None) -> int:
     path = write_result("plan", {"fits": rows, "rejected": result["rejected"], "searched": result["searched"]},
                         args.out, context={"config": cfg.to_dict(), "gpus": args.gpus, "gpu": args.gpu,
                                            "gpu_memory_bytes": _size(args.gpu_memory)})
-    print(f"wrote {path}")
+    plot = save_plot(lambda fig, ax: _draw(ax, rows, _size(args.gpu_memory), args.top), path.with_suffix(".png"))
+    print(f"wrote {path}" + (f" and {plot}" if plot else ""))
     return 0 if result["fits"] else 1
+
+
+def _draw(ax, rows: list[dict], gpu_memory: float, top: int) -> None:
+    """Every layout that fits: memory per rank against estimated step time, the best three named."""
+    ax.scatter([r["total"] / GIB for r in rows], [r["step_s"] for r in rows], s=8, alpha=0.4, color="grey")
+    for rank, r in enumerate(rows[:min(top, 3)], 1):               # ranked by step time: the best three named
+        ax.scatter([r["total"] / GIB], [r["step_s"]], s=30, marker="*", label=f"{rank}. {r['layout']}")
+    ax.axvline(gpu_memory / GIB, color="red", lw=0.8, label="device memory")
+    ax.set_xlabel("memory per rank (GiB)")
+    ax.set_ylabel("estimated step time (s)")
+    ax.set_title(f"megalm plan: {len(rows)} layouts fit")
+    ax.legend(fontsize=7)

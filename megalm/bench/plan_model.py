@@ -166,7 +166,8 @@ def step_seconds(cfg: Config, lay: Layout, micro_batches: int, machine: Machine,
     messages = 2 * micro_batches * lay.virtual_stages if lay.pp > 1 else 0
     pp_comm = cost(messages, message, t * lay.pp <= gpus_per_node)
     grads = params * width * (lay.dp - 1) / lay.dp
-    dp_comm = cost(1 if lay.dp > 1 else 0, 2 * grads, world <= gpus_per_node)     # one all-reduce's bytes
+    zero3 = 1.5 if lay.zero_stage == 3 else 1.0          # ZeRO-3 also gathers the weights in backward (ZeRO paper)
+    dp_comm = cost(1 if lay.dp > 1 else 0, 2 * grads * zero3, world <= gpus_per_node)   # one all-reduce's bytes
     if lay.zero_stage and str(lay.zero_stage) in machine.zero_overhead_s_per_param:   # DeepSpeed's own cost
         dp_comm += params * machine.zero_overhead_s_per_param[str(lay.zero_stage)]
     if machine.cores and ranks_here > machine.cores:                      # ranks wait for a core to move bytes

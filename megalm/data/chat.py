@@ -18,12 +18,16 @@ mask: the offsets come from the very encoding that is trained on.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megalm.data.errors import DataError
 
 ROLES = ("system", "user", "assistant")
+MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?s>")
+"""What a chat template writes as a special token (ChatML's <|im_start|>, Llama 3's <|eot_id|>, <s>, </s>): each must
+be one token of the tokenizer. megalm's own default writes plain-text headers and is not held to it."""
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}"
     "{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
@@ -100,6 +104,12 @@ class ChatRenderer:
             self.template = env.from_string(text)
         except TemplateError as e:
             raise DataError(f"{self.source} does not parse as Jinja: {e}") from None
+        if text is not DEFAULT_TEMPLATE:
+            missing = sorted({m for m in MARKER.findall(text) if tokenizer.token_id(m) is None})
+            if missing:
+                raise DataError(f"{self.source} writes {', '.join(missing)}, which the tokenizer has no token for, "
+                                f"so they would be split into pieces of text: use the tokenizer the template was "
+                                f"written for, or a template of this tokenizer's own tokens")
         special = tokenizer.special
         self.variables = {"bos_token": special.bos or "", "eos_token": special.eod}
         added = json.loads(tokenizer.to_str()).get("added_tokens") or []

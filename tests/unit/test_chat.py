@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megalm.data.chat import DEFAULT_TEMPLATE, BadRecord, ChatRenderer, messages_of
+from megalm.data.chat import BadRecord, ChatRenderer, messages_of
 from megalm.data.chat_dataset import IGNORE, ChatDataset, inputs_and_targets
 from megalm.data.chat_preprocess import preprocess_chat
 from megalm.data.errors import DataError
@@ -161,6 +161,14 @@ def test_preprocess_counts_every_drop_and_the_dataset_reads_back(tokenizers_by_t
 
 def test_a_template_that_is_not_prefix_stable_is_refused(tokenizers_by_template):
     tok, _ = tokenizers_by_template["default"]
-    unstable = "{{ messages | length }}:" + DEFAULT_TEMPLATE       # the count changes as messages are added
+    unstable = "{{ messages | length }}:{% for m in messages %}{{ m['content'] }}{% endfor %}"   # the count changes
     with pytest.raises(DataError, match="renders a conversation's beginning differently"):
         ChatRenderer(tok, unstable).encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+
+
+def test_a_template_that_needs_tokens_the_tokenizer_lacks_is_refused(tokenizers_by_template):
+    base, _ = tokenizers_by_template["default"]                    # no <|im_start|> or <|im_end|> in it
+    with pytest.raises(DataError, match=r"<\|im_end\|>, <\|im_start\|>, which the tokenizer has no token for"):
+        ChatRenderer(base, CHATML)
+    chatml, _ = tokenizers_by_template["chatml"]
+    ChatRenderer(chatml)                                            # its own template: every marker is a token
