@@ -15,7 +15,7 @@ calls x the machine's cost of one message of its size, DeepSpeed's extra cost pe
 no overlap is assumed. The machine is the datasheet and flags, or measured (``--calibrate``,
 ``megalm.bench.calibrate``). Not modelled: kernel workspaces and the transient buffers of tensor-parallel
 collectives. Measured on this CPU over 24 layouts (``tests/integration/test_plan_accuracy.py``): memory within
-5.6% and step time within 8.6% (mean absolute errors).
+5.6-6.9% and step time within 8.6-13.7% (mean absolute errors, four runs).
 """
 from __future__ import annotations
 
