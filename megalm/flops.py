@@ -33,13 +33,29 @@ class FlopsPerToken:
     model_causal: float   # as ``model``, with the attention core halved (causal: only the lower triangle)
 
 
-def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none") -> FlopsPerToken:
+def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none",
+                    attention_span: float | None = None) -> FlopsPerToken:
+    """``attention_span``: the keys a token attends to on average, when not ``seq_len``: for packed documents,
+    sum(L_i^2) / T over the documents of lengths L_i in T tokens (``attention_span_of``)."""
     n = sum(matmul_params(m).values())
-    attention_core = 2 * 2 * seq_len * m.num_heads * m.dim_per_head * m.num_layers   # QK^T and PV
+    span = seq_len if attention_span is None else attention_span
+    attention_core = 2 * 2 * span * m.num_heads * m.dim_per_head * m.num_layers   # QK^T and PV
     forward = 2 * n + attention_core
     model = 3 * forward
     extra = {"none": 0, "full": forward - 2 * matmul_params(m)["lm_head"], "selective": attention_core}[recompute]
     return FlopsPerToken(forward, model, model + extra, model - 3 * attention_core / 2)
+
+
+def attention_span_of(segments) -> float:
+    """sum(L_i^2) / T for a (B, T) tensor of document ids: the documents' own lengths, each attending only to
+    itself (id 0, padding, is no document: its positions cost matmuls but no useful attention)."""
+    import torch
+
+    total, tokens = 0, segments.numel()
+    for row in segments:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        total += int((counts[ids != 0].long() ** 2).sum())
+    return total / max(tokens, 1)
 
 
 def mfu(tokens_per_s: float, per_token: FlopsPerToken, peak_flops: float, causal: bool = False) -> float:

@@ -22,7 +22,7 @@ from megalm.data.dataset import BatchSampler, eval_batches
 from megalm.data.tokenizer import dataset_tokenizer, tokenizer_path
 from megalm.engine import build_engine
 from megalm.engine.optim import lr_at
-from megalm.flops import flops_per_token
+from megalm.flops import attention_span_of, flops_per_token
 from megalm.parallel.pipeline.p2p import P2P, activation_shape
 from megalm.runtime import Runtime, discover, faults, finish, start
 from megalm.runtime.signals import DesyncError, StopRequest, agree_to_stop, install, over_budget, uninstall
@@ -224,7 +224,7 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
                 busy, window_start = 0.0, step + 1
         log.train_step(step, loss, lr, norm, tokens_per_step / seconds,
                        print_line=step % t.log_interval == 0 or step == t.steps or step == 1 or math.isinf(norm),
-                       loss_scale=engine.loss_scale, comm=comm)
+                       loss_scale=engine.loss_scale, comm=comm, flops=packed_flops(cfg, micro, topo, rt.device))
         if isinstance(sampler.dataset, BlendedDataset) and (step % t.log_interval == 0 or step == last):
             log.data_sources(step, sampler.dataset.names, sampler.dataset.counts(sampler.consumed_samples))
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:   # the last is evaluated below
@@ -324,6 +324,22 @@ def _mark_stopped(step: int, request: StopRequest) -> None:
     marker = os.environ.get("MEGALM_STOP_FILE")
     if marker:
         Path(marker).write_text(f"stopped at step {step} with a checkpoint ({request.reason or 'requested'})\n")
+
+
+def packed_flops(cfg: Config, micro, topo, device):
+    """The step's FLOPs per token when its samples pack documents (attention from the documents' own lengths,
+    summed over the data-parallel ranks: one two-number all-reduce); None for ordinary samples."""
+    if micro[0].dim() != 3 or micro[0].shape[1] != 3:
+        return None
+    import torch.distributed as dist
+
+    segments = [b[:, 2, :-1] for b in micro]
+    totals = torch.tensor([sum(attention_span_of(s) * s.numel() for s in segments),
+                           sum(s.numel() for s in segments)], dtype=torch.float64, device=device)
+    if topo.dp_group is not None:
+        dist.all_reduce(totals, group=topo.dp_group)
+    return flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing,
+                           attention_span=float(totals[0] / totals[1]))
 
 
 def count_tensor_parallel_traffic(chunks):

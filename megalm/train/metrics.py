@@ -56,12 +56,13 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record.get("step", 0))
 
     def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                   print_line: bool, loss_scale: float | None = None, comm=None) -> None:
+                   print_line: bool, loss_scale: float | None = None, comm=None, flops=None) -> None:
+        """``flops``: this step's FlopsPerToken when it differs from the run's (packed documents)."""
         self.last_loss = loss
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         rate = ""
         if self.flops is not None:
-            record.update(self._rates(tokens_per_s / self.devices))
+            record.update(self._rates(tokens_per_s / self.devices, flops or self.flops))
             rate = f" | {record['tflops_per_device']:.3g} TFLOP/s/device"
             if self.peak_flops:
                 rate += f" | MFU {record['mfu']:.1%} (causal-halved {record['mfu_causal']:.1%})"
@@ -84,10 +85,10 @@ class MetricsLogger:
             print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} "
                   f"| {tokens_per_s:,.0f} tok/s{rate} | ETA {_fmt(eta)}{fp16}", flush=True)
 
-    def _rates(self, tokens_per_s_per_device: float) -> dict:
+    def _rates(self, tokens_per_s_per_device: float, f) -> dict:
         """Model and hardware TFLOP/s per device; MFU with attention in full (PaLM, TorchTitan) and halved
         (Megatron), and hardware FLOPs utilisation (recomputation counted)."""
-        f, n = self.flops, tokens_per_s_per_device
+        n = tokens_per_s_per_device
         out = {"tflops_per_device": n * f.model / 1e12, "tflops_causal_per_device": n * f.model_causal / 1e12,
                "hardware_tflops_per_device": n * f.hardware / 1e12}
         if self.peak_flops:

@@ -167,6 +167,14 @@ def test_packed_chat_training_loss_is_the_packed_models_by_hand(chat_data, tmp_p
         logits = chunk(inputs, segments=segments)
         by_hand.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE).item())
     assert logged[0] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    # The log's FLOPs count each conversation's own attention, not the padded sequence's
+    from megalm.flops import attention_span_of, flops_per_token
+
+    record = next(r for r in read_metrics(tmp_path) if r.get("step") == 1 and "tflops_per_device" in r)
+    per_token = record["tflops_per_device"] * 1e12 / record["tokens_per_s"]
+    expected = flops_per_token(resolve(cfg, 1).model, 96, attention_span=attention_span_of(first[:, 2, :-1]))
+    assert per_token == pytest.approx(expected.model, rel=1e-6)
+    assert per_token < flops_per_token(resolve(cfg, 1).model, 96).model
 
 
 def test_pretraining_with_document_mask_trains(tiny_corpus, tmp_path):

@@ -43,3 +43,35 @@ def test_recomputation_counts_as_hardware_flops():
     none, full, selective = (flops_per_token(m, 32, r) for r in ("none", "full", "selective"))
     assert none.model == full.model == selective.model == none.hardware
     assert none.hardware < selective.hardware < full.hardware
+
+
+@pytest.mark.parametrize("model", [
+    ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=160,
+                max_seq_len=64, norm="rmsnorm", activation="swiglu", position="rope", bias=False),
+    ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=64),
+], ids=["llama-gqa", "gpt2"])
+def test_packed_documents_count_the_attention_of_their_own_lengths(model):
+    """A sequence packing documents of 20, 12 and 16 tokens: our count with the documents' attention span
+    equals FlopCounterMode over the three documents run alone (what a variable-length kernel computes), in both
+    conventions, and is below the padded count."""
+    import torch
+
+    from megalm.flops import attention_span_of
+
+    net = ModelChunk(model, TensorParallel(), range(model.num_layers), True, True)
+    init_chunk(net, model, 0)
+    lengths = (20, 12, 16)
+    segments = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])[None]
+    span = attention_span_of(segments)
+    assert span == sum(n * n for n in lengths) / sum(lengths)
+    counted = causal = 0
+    for n in lengths:
+        tokens = torch.randint(0, model.vocab_size, (1, n + 1))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            net(tokens[:, :-1], tokens[:, 1:]).backward()
+        counted += counter.get_total_flops()
+        causal += counter.get_total_flops() - counter.get_flop_counts()["Global"][torch.ops.aten.bmm] / 2
+    ours = flops_per_token(model, 48, attention_span=span)
+    assert ours.model * 48 == pytest.approx(counted, rel=1e-9)
+    assert ours.model_causal * 48 == pytest.approx(causal, rel=1e-9)
+    assert ours.model < flops_per_token(model, 48).model
