@@ -9,7 +9,9 @@ faithful to a real one:
   - attention is a flash-style kernel (Triton's or SDPA's): it keeps q, k, v, the output and the fp32
     log-sum-exp, never the s x s scores (the meta device would otherwise pick the math path);
   - tensor-parallel collectives return tensors of the shape the real ones would (``tp`` ranks, no group);
-  - activation checkpointing keeps what ``torch.utils.checkpoint`` keeps: the inputs of the checkpointed call.
+  - activation checkpointing keeps what ``torch.utils.checkpoint`` keeps: the inputs of the checkpointed call;
+  - on a GPU at tp = 1 the head's loss is the fused linear + cross entropy kernel, which keeps the two gradients
+    it computes in its forward and never the logits.
 Counts are at the model's fp32 width; mixed precision halves the block's (the head's logits stay fp32).
 """
 from __future__ import annotations
@@ -34,6 +36,20 @@ class _FlashLike(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _FusedLossLike(torch.autograd.Function):
+    """What the fused linear + cross entropy kernel keeps (``kernels/cross_entropy.py``): the gradients of x and
+    of the head's weight, computed during its forward; never the logits."""
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        ctx.save_for_backward(torch.empty_like(x), torch.empty_like(weight))
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return dx, dw, None
 
 
 def _shape_only(tp_size: int):
@@ -75,7 +91,7 @@ class _Saved:
 
 
 def _count(model: ModelConfig, tp: int, sequence_parallel: bool, checkpointing: str, micro_batch: int,
-           seq_len: int, layers: int) -> int:
+           seq_len: int, layers: int, fused_loss: bool = False) -> int:
     from megalm.model import transformer
     from megalm.model.transformer import ModelChunk, reference_ops
     from megalm.parallel.tensor import comm
@@ -84,6 +100,8 @@ def _count(model: ModelConfig, tp: int, sequence_parallel: bool, checkpointing: 
     saved = _Saved()
     ops = reference_ops()
     ops._attention = lambda q, k, v, causal: _FlashLike.apply(q, k, v)
+    if fused_loss:
+        ops._linear_cross_entropy = _FusedLossLike.apply
     reduce, gather, scatter = _shape_only(tp)
     patches = [mock.patch.object(comm, "all_reduce", reduce), mock.patch.object(comm, "all_gather", gather),
                mock.patch.object(comm, "reduce_scatter", scatter),
@@ -101,11 +119,14 @@ def _count(model: ModelConfig, tp: int, sequence_parallel: bool, checkpointing: 
 
 
 def saved_activation_bytes(model: ModelConfig, tp: int, sequence_parallel: bool, checkpointing: str,
-                           micro_batch: int, seq_len: int, precision: str = "fp32") -> tuple[float, float]:
-    """(per layer, head and embedding) bytes one micro-batch's forward keeps on one tensor-parallel rank."""
-    key = (repr(model), tp, sequence_parallel, checkpointing, micro_batch, seq_len)
+                           micro_batch: int, seq_len: int, precision: str = "fp32",
+                           fused_loss: bool = False) -> tuple[float, float]:
+    """(per layer, head and embedding) bytes one micro-batch's forward keeps on one tensor-parallel rank;
+    ``fused_loss``: the head's loss through the fused linear + cross entropy kernel (tp = 1 on a GPU)."""
+    key = (repr(model), tp, sequence_parallel, checkpointing, micro_batch, seq_len, fused_loss)
     if key not in _CACHE:
-        one, two = (_count(model, tp, sequence_parallel, checkpointing, micro_batch, seq_len, n) for n in (1, 2))
+        one, two = (_count(model, tp, sequence_parallel, checkpointing, micro_batch, seq_len, n, fused_loss)
+                    for n in (1, 2))
         _CACHE[key] = (two - one, 2 * one - two)
     per_layer, rest = _CACHE[key]
     return (per_layer / 2 if precision in ("bf16", "fp16") else per_layer), rest

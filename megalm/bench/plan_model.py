@@ -81,16 +81,34 @@ def state_bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> float
     return sum(state_bytes(precision, zero_stage, dp))
 
 
-def activation_bytes(cfg: Config, lay: Layout, micro_batches: int) -> tuple[float, float]:
+def fused_loss(cfg: Config, lay: Layout, device: str) -> bool:
+    """Whether the head's loss runs through the fused linear + cross entropy kernel (``kernels`` on a GPU, tp 1)."""
+    return device == "cuda" and lay.tp == 1 and cfg.kernels.cross_entropy in ("auto", "triton")
+
+
+def kernel_workspace_bytes(cfg: Config, lay: Layout, device: str) -> float:
+    """The fused loss kernel's working memory during its forward: the weight gradient's fp32 accumulator and one
+    chunk of logits (``kernels/cross_entropy.py``); 0 where the kernel does not run."""
+    if not fused_loss(cfg, lay, device):
+        return 0.0
+    from megalm.kernels.cross_entropy import _chunk_rows
+
+    m, width = cfg.model, 4 if cfg.train.precision == "fp32" else 2
+    rows = lay.micro_batch_size * cfg.data.seq_len
+    return 4 * m.vocab_size * m.hidden_size + _chunk_rows(rows, m.hidden_size, m.vocab_size) * m.vocab_size * width
+
+
+def activation_bytes(cfg: Config, lay: Layout, micro_batches: int, device: str = "cuda") -> tuple[float, float]:
     """(first stage, last stage) activation bytes at the peak of the schedule: the micro-batches in flight times
     the bytes a micro-batch's forward keeps per layer (counted on megalm's modules: ``bench.activations``), plus
     on the last stage the head's and, during its backward, two logits-sized fp32 buffers (the logits' gradient
     and the softmax backward's output at tp = 1, or the head's weight-gradient product at tp > 1: where this
-    machine's measured peaks fall), and under full recomputation one layer's activations, rebuilt during its
-    backward."""
+    machine's measured peaks fall; with the fused loss kernel, its workspace instead), and under full
+    recomputation one layer's activations, rebuilt during its backward."""
     m, s, b = cfg.model, cfg.data.seq_len, lay.micro_batch_size
+    fused = fused_loss(cfg, lay, device)
     per_layer, head = saved_activation_bytes(m, lay.tp, lay.sequence_parallel, lay.activation_checkpointing, b, s,
-                                             cfg.train.precision)
+                                             cfg.train.precision, fused)
     in_flight = min(lay.pp, micro_batches)
     if lay.virtual_stages > 1:
         in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.virtual_stages)
@@ -98,7 +116,7 @@ def activation_bytes(cfg: Config, lay: Layout, micro_batches: int) -> tuple[floa
     rebuilt = 0.0
     if lay.activation_checkpointing == "full":
         rebuilt = saved_activation_bytes(m, lay.tp, lay.sequence_parallel, "none", b, s, cfg.train.precision)[0]
-    logits_grad = 2 * 4 * s * b * m.vocab_size / lay.tp
+    logits_grad = kernel_workspace_bytes(cfg, lay, device) if fused else 2 * 4 * s * b * m.vocab_size / lay.tp
     first = per_layer * layers * in_flight + rebuilt
     last = per_layer * layers * (1 if lay.pp > 1 else in_flight) + rebuilt + head + logits_grad
     return first, last
@@ -117,13 +135,13 @@ def buffer_bytes(cfg: Config, lay: Layout, block_params: int) -> float:
     return (bucket_elements(cfg) + gathered) * width
 
 
-def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int) -> dict:
+def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int, device: str = "cuda") -> dict:
     """The fuller pipeline stage's bytes. With one micro-batch per step the blocks' gradients are made while their
     activations are freed, so at the peak (the head's backward) only the head's own gradients exist."""
     first_extra, block, last_extra = parameters_per_rank(cfg.model, lay.tp)
     layers = cfg.model.num_layers // lay.pp
     weights, grads, optimizer = state_bytes(cfg.train.precision, lay.zero_stage, lay.dp)
-    act_first, act_last = activation_bytes(cfg, lay, micro_batches)
+    act_first, act_last = activation_bytes(cfg, lay, micro_batches, device)
     first_params = first_extra + layers * block + (last_extra - shared_embedding(cfg.model, lay.tp)
                                                    if lay.pp == 1 else 0)
     last_params = last_extra + layers * block
@@ -205,7 +223,7 @@ def layout_of(cfg: Config, world: int) -> Layout:
 def predict(cfg: Config, lay: Layout, machine: Machine, gpus_per_node: int) -> dict:
     """Memory per rank and step time of one layout (``cfg`` holding it), and the MFU it implies."""
     m = cfg.train.global_batch_size // (lay.micro_batch_size * lay.dp)
-    memory = memory_per_rank(cfg, lay, m)
+    memory = memory_per_rank(cfg, lay, m, machine.device)
     times = step_seconds(cfg, lay, m, machine, gpus_per_node, memory["parameters"])
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     per_token = flops_per_token(cfg.model, cfg.data.seq_len).model

@@ -122,7 +122,7 @@ def test_predicted_peak_memory_is_within_10_percent_of_measured_in_one_process(t
     row = next(iter(json.loads((tmp_path / "bench_train.json").read_text())["results"]["rows"].values()))
     cfg = resolve(load_config("tiny", SHAPE + extra), 1)
     lay = layout_of(cfg, 1)
-    predicted = memory_per_rank(cfg, lay, cfg.train.global_batch_size // lay.micro_batch_size)["total"]
+    predicted = memory_per_rank(cfg, lay, cfg.train.global_batch_size // lay.micro_batch_size, "cpu")["total"]
     measured = row["peak_tensor_bytes_max"]
     print(f"{extra}: predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
@@ -140,3 +140,39 @@ def test_a_machine_interpolates_its_measured_collective_table_and_round_trips(tm
     assert beyond == pytest.approx(6e-3 + (7 << 20) * 5e-3 / (7 << 20))
     assert machine.collective_seconds(1 << 20, False) == pytest.approx(2e-4 + (1 << 20) / 1e8)   # across nodes
     assert Machine.load(machine.save(tmp_path / "machine.json")) == machine
+
+
+def test_the_fused_loss_kernel_is_counted_as_it_runs_on_a_gpu():
+    """At tp = 1 on a GPU the head's loss is the fused kernel: the meta count with its stand-in equals what the real
+    kernel function (its chunked PyTorch path, here) keeps, and the head then keeps no logits."""
+    import torch
+
+    from megalm.bench.activations import saved_activation_bytes
+    from megalm.config import resolve
+    from megalm.kernels.cross_entropy import linear_cross_entropy
+    from megalm.model.transformer import ModelChunk, init_chunk, reference_ops
+    from megalm.parallel.topology import TensorParallel
+
+    cfg = resolve(load_config("tiny", SHAPE), 1)
+    real = {}
+    for layers in (1, 2):
+        ops = reference_ops()
+        ops._linear_cross_entropy = linear_cross_entropy
+        chunk = ModelChunk(cfg.model, TensorParallel(), range(layers), True, True, ops)
+        init_chunk(chunk, cfg.model, 0)
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        tokens = torch.zeros(2, 128, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            chunk(tokens, tokens)
+        weights = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+        real[layers] = sum(size for ptr, size in seen.items() if ptr not in weights)
+    fused = saved_activation_bytes(cfg.model, 1, False, "none", 2, 128, fused_loss=True)
+    assert fused == (real[2] - real[1], 2 * real[1] - real[2])
+    logits = 2 * 128 * 4096 * 4                                 # two more samples' fp32 logits
+    grows = {kind: saved_activation_bytes(cfg.model, 1, False, "none", 4, 128, fused_loss=kind)[1]
+             - saved_activation_bytes(cfg.model, 1, False, "none", 2, 128, fused_loss=kind)[1] for kind in (0, 1)}
+    assert grows[0] >= logits > grows[1]                        # the fused kernel keeps no logits per token
