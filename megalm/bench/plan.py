@@ -14,8 +14,9 @@ Step time: the slowest stage's FLOPs at the machine's rate, the pipeline bubble 
 calls x the machine's cost of one message of its size, DeepSpeed's extra cost per parameter, and the optimizer;
 no overlap is assumed. The machine is the datasheet and flags, or measured (``--calibrate``,
 ``megalm.bench.calibrate``). Kernel workspaces: the fused loss kernel's (GPU, tp = 1); not modelled: the
-transient buffers of tensor-parallel collectives. Measured on this CPU over 24 layouts (``tests/integration/test_plan_accuracy.py``): memory within
-5.6-6.9% and step time within 8.6-13.7% (mean absolute errors, four runs).
+transient buffers of tensor-parallel collectives. Measured on this CPU over 24 layouts
+(``tests/integration/test_plan_accuracy.py``): memory within 5.6-6.9% and step time within 8.6-13.7% (mean
+absolute errors, four runs).
 """
 from __future__ import annotations
 
