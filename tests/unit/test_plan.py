@@ -79,6 +79,22 @@ SHAPE = ["model.vocab_size=4096", "model.hidden_size=256", "model.num_layers=3",
          "data.seq_len=128", "model.max_seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=4"]
 
 
+def saved_by_a_real_forward(chunk) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of two 128-token samples, less the weights."""
+    import torch
+
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    tokens = torch.zeros(2, 128, dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunk(tokens, tokens)
+    weights = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+    return sum(size for ptr, size in seen.items() if ptr not in weights)
+
+
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
 def test_activation_counts_on_meta_equal_what_a_real_forward_saves(checkpointing):
     import torch
@@ -94,16 +110,7 @@ def test_activation_counts_on_meta_equal_what_a_real_forward_saves(checkpointing
         one = cfg.mutable_copy()
         one.set("model.num_layers", layers)
         chunk = build_chunks(one, build_topology(), torch.device("cpu"))[0]
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        tokens = torch.zeros(2, 128, dtype=torch.long)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            chunk(tokens, tokens)
-        weights = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
-        real[layers] = sum(size for ptr, size in seen.items() if ptr not in weights)
+        real[layers] = saved_by_a_real_forward(chunk)
     per_layer, head = saved_activation_bytes(cfg.model, 1, False, checkpointing, 2, 128)
     if checkpointing == "full":     # checkpoint keeps the block's input, which autograd's hooks do not see
         assert per_layer == 2 * 128 * 256 * 4
@@ -145,7 +152,6 @@ def test_a_machine_interpolates_its_measured_collective_table_and_round_trips(tm
 def test_the_fused_loss_kernel_is_counted_as_it_runs_on_a_gpu():
     """At tp = 1 on a GPU the head's loss is the fused kernel: the meta count with its stand-in equals what the real
     kernel function (its chunked PyTorch path, here) keeps, and the head then keeps no logits."""
-    import torch
     from megalm.kernels.cross_entropy import linear_cross_entropy
 
     from megalm.bench.activations import saved_activation_bytes
@@ -160,16 +166,7 @@ def test_the_fused_loss_kernel_is_counted_as_it_runs_on_a_gpu():
         ops._linear_cross_entropy = linear_cross_entropy
         chunk = ModelChunk(cfg.model, TensorParallel(), range(layers), True, True, ops)
         init_chunk(chunk, cfg.model, 0)
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        tokens = torch.zeros(2, 128, dtype=torch.long)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            chunk(tokens, tokens)
-        weights = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
-        real[layers] = sum(size for ptr, size in seen.items() if ptr not in weights)
+        real[layers] = saved_by_a_real_forward(chunk)
     fused = saved_activation_bytes(cfg.model, 1, False, "none", 2, 128, fused_loss=True)
     assert fused == (real[2] - real[1], 2 * real[1] - real[2])
     logits = 2 * 128 * 4096 * 4                                 # two more samples' fp32 logits
