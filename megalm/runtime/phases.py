@@ -2,9 +2,9 @@
 
 A :class:`PhaseClock` is handed to the pieces that do the work: the train step (forward and backward per
 micro-batch, data loading), the tensor-parallel handle (``tp.phases``: its collectives), the pipeline's P2P
-(``p2p.phases``: sends, receives and the waits of the bubble) and the engine (``engine.phases``: data-parallel
-gradient reduction, optimizer). Each phase's time is *exclusive*: a tensor-parallel all-reduce inside a forward
-counts as ``tp_comm``, not ``forward``, so the phases of a step add up to the step.
+(``p2p.phases``: posting sends and receives, and the waits of the bubble) and the engine (``engine.phases``:
+data-parallel gradient reduction, optimizer). Each phase's time is *exclusive*: a tensor-parallel all-reduce
+inside a forward counts as ``tp_comm``, not ``forward``, so the phases of a step add up to the step.
 
 Nothing is handed out by default (``None``): each hook is then one attribute test. On CUDA the clock
 synchronises the device at every phase boundary (kernels are asynchronous, so host time would misattribute
@@ -20,8 +20,10 @@ from collections import defaultdict
 
 import torch
 
-PHASES = ("data", "forward", "backward", "tp_comm", "pp_comm", "dp_comm", "optimizer")
-"""What a step is divided into; ``pp_comm`` includes the time a stage waits for its neighbours (the bubble)."""
+PHASES = ("data", "forward", "backward", "tp_comm", "pp_comm", "pp_wait", "dp_comm", "optimizer")
+"""What a step is divided into. ``pp_wait``: a stage blocked on a receive, which is the pipeline bubble (and, on
+gloo, also the message's transfer, which completes inside the wait); ``pp_comm``: posting messages and the
+final wait for sends."""
 
 
 class PhaseClock:

@@ -122,11 +122,11 @@ def bench_rows(folder) -> dict:
 
 
 def test_bench_train_under_torchrun_at_pp2(tmp_path):
-    """The config's own pipeline step on 2 ranks: the bubble's waits show as pipeline communication."""
+    """The config's own pipeline step on 2 ranks: the bubble shows as waits for the other stage."""
     out = megalm(BENCH + ["--out", str(tmp_path), "parallel.pp=2"], nproc=2)
     row = bench_rows(tmp_path)["megalm tp1 pp2 dp1"]
     assert row["devices"] == 2 and row["tokens_per_s_per_device"] == row["tokens_per_s"] / 2
-    assert row["breakdown_fraction"]["pp_comm"] > 0 and row["peak_memory_min"] > 0
+    assert row["breakdown_fraction"]["pp_wait"] > 0.1 and row["peak_memory_min"] > 0   # (p-1)/(m+p-1) = 20%
     assert "step by phase" in out
 
 

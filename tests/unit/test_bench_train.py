@@ -45,7 +45,7 @@ def test_one_process_figures_agree_and_phases_add_up_to_the_step(tmp_path, capsy
     assert row["hardware_tflops_per_device"] == pytest.approx(row["tflops_per_device"])   # no recomputation
     fractions = row["breakdown_fraction"]
     assert all(fractions[p] > 0 for p in ("forward", "backward", "optimizer")), fractions
-    assert fractions["tp_comm"] == fractions["pp_comm"] == 0.0       # one process: no such traffic
+    assert fractions["tp_comm"] == fractions["pp_comm"] == fractions["pp_wait"] == 0.0   # one process: no traffic
     assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-9)
     assert sum(v for k, v in row["breakdown_s"].items() if k not in ("step", "other")) <= row["breakdown_s"]["step"]
     assert row["peak_memory_max"] > 0 and row["steps"] == 3

@@ -150,8 +150,9 @@ class P2P:
         else:  # a backend that coalesces the batch into one handle (NCCL): wait orders the stream only
             waits += works
         t0 = time.perf_counter()
-        for w in waits:
-            w.wait()
+        with timed(self.phases if waits else None, "pp_wait", "receive"):    # the bubble (and the transfer)
+            for w in waits:
+                w.wait()
         self.wait_s += time.perf_counter() - t0
         for tag, peer in received:
             self._post_ahead(tag, peer)
