@@ -43,7 +43,9 @@ def test_metrics_reach_wandb_offline_and_a_resume_continues_the_run(tiny_corpus,
     run_id = (tmp_path / "wandb_id").read_text().strip()
     train(load_config(None, args))
     assert (tmp_path / "wandb_id").read_text().strip() == run_id
-    files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    # W&B names a second folder of the same second and id "...-ID-1"
+    files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"),
+                   key=lambda f: f.stat().st_mtime)                         # the first run, then its resumption
     assert len(files) == 2, list((tmp_path / "wandb").iterdir())          # the first run and its resumption
     logged = [row for f in files for row in wandb_history(f) if "loss" in row]
     expected = [r for r in read_metrics(tmp_path) if "loss" in r]
