@@ -46,16 +46,21 @@ def flops_per_token(m: ModelConfig, seq_len: int, recompute: str = "none",
     return FlopsPerToken(forward, model, model + extra, model - 3 * attention_core / 2)
 
 
-def attention_span_of(segments) -> float:
-    """sum(L_i^2) / T for a (B, T) tensor of document ids: the documents' own lengths, each attending only to
-    itself (id 0, padding, is no document: its positions cost matmuls but no useful attention)."""
+def document_squares(segments) -> int:
+    """sum(L_i^2) over the documents of a (B, T) tensor of document ids, each attending only to itself (id 0,
+    padding, is no document: its positions cost matmuls but no useful attention)."""
     import torch
 
-    total, tokens = 0, segments.numel()
+    total = 0
     for row in segments:
         ids, counts = torch.unique_consecutive(row, return_counts=True)
         total += int((counts[ids != 0].long() ** 2).sum())
-    return total / max(tokens, 1)
+    return total
+
+
+def attention_span_of(segments) -> float:
+    """sum(L_i^2) / T: the keys a token of these packed documents attends to on average."""
+    return document_squares(segments) / max(segments.numel(), 1)
 
 
 def mfu(tokens_per_s: float, per_token: FlopsPerToken, peak_flops: float, causal: bool = False) -> float:

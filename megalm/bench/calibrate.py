@@ -162,11 +162,10 @@ def calibrate(cfg, device: torch.device, say=print) -> Machine:
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing).hardware * tokens
 
-    def efficiency(rate: float) -> tuple[float, float]:
-        phases = measure(cfg, rt, steps=1, warmup=1, breakdown_steps=2)["breakdown"]
-        return flops / (phases["forward"] + phases["backward"]) / rate, phases["optimizer"] / parameters
-    machine.efficiency, machine.optimizer_s_per_param = efficiency(machine.matmul_flops)
+    phases = measure(cfg, rt, steps=1, warmup=1, breakdown_steps=2)["breakdown"]
     finish(rt)
+    machine.efficiency = flops / (phases["forward"] + phases["backward"]) / machine.matmul_flops
+    machine.optimizer_s_per_param = phases["optimizer"] / parameters
     busy = {}
     if device.type == "cpu" and machine.cores > 1:       # one rank per core, all computing at once
         busy, runs = busy_host_runs(cfg, machine.cores)

@@ -53,9 +53,7 @@ class Machine:
     def compute_rate(self, ranks_per_node: int, busy: float = 1.0) -> float:
         """FLOP/s one rank's compute reaches when ``ranks_per_node`` ranks share a host, each computing the
         fraction ``busy`` of the time (a pipeline stage idles in the bubble, leaving its core to the others)."""
-        if self.device != "cpu":
-            return self.matmul_flops * self.efficiency
-        if ranks_per_node <= 1:
+        if self.device != "cpu" or ranks_per_node <= 1:
             return self.matmul_flops * self.efficiency
         share = min(1.0, self.cores / (ranks_per_node * busy)) if self.cores else 1.0
         return self.matmul_flops_one_thread * share * (self.efficiency_one_thread or self.efficiency)

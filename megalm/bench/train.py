@@ -112,7 +112,7 @@ def layout_label(cfg: Config, world: int) -> str:
         parts.append("sp")
     if p.activation_checkpointing != "none":
         parts.append(f"rc={p.activation_checkpointing}")
-    if getattr(cfg.train, "compile", False):
+    if cfg.train.compile:
         parts.append("compiled")
     return "megalm " + " ".join(parts)
 

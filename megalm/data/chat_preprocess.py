@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,13 +72,31 @@ def preprocess_chat(inputs: list[str], tokenizer_path: str, output_prefix: str, 
                 counts.kept += 1
         if counts.kept == 0:
             raise DataError(f"no conversation of {', '.join(inputs)} could be used ({counts.summary()})")
-    tokenizer.save(f"{out}.tokenizer.json")
+    _save_tokenizer(tokenizer, f"{out}.tokenizer.json")
     report = {"inputs": inputs, "template": renderer.source, "loss_on": loss_on, "max_tokens": max_tokens,
               "overflow": overflow, "kept": counts.kept, "truncated": counts.truncated, "dropped": counts.dropped}
-    Path(f"{out}.report.json").write_text(json.dumps(report, indent=1))
+    _replace_with(Path(f"{out}.report.json"), lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     say(f"megalm preprocess chat: {counts.summary()} -> {out}.bin ({renderer.source}; loss on {loss_on} "
         f"assistant turns)")
     return counts
+
+
+def _replace_with(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file, then rename it onto ``path``: ranks that prepare the same data at once
+    (``megalm finetune --data``) never read a file another is still writing."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_tokenizer(tokenizer, path: str) -> None:
+    """The tokenizer and its special-tokens record, each renamed into place (the record first)."""
+    from megalm.data.tokenizer import special_path
+
+    tmp = Path(f"{path}.tmp-{os.getpid()}.json")
+    tokenizer.save(tmp)
+    os.replace(special_path(tmp), special_path(path))
+    os.replace(tmp, path)
 
 
 def open_masks(prefix) -> IndexedDataset:

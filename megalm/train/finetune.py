@@ -78,6 +78,7 @@ def chat_data_prefix(checkpoint: str, jsonl: str, seq_len: int, loss_on: str = "
 
     from megalm.checkpoint.format import latest_checkpoint
     from megalm.data.chat_preprocess import is_chat_dataset, preprocess_chat
+    from megalm.data.tokenizer import special_path
 
     folder = latest_checkpoint(checkpoint)
     if folder is None:
@@ -89,8 +90,6 @@ def chat_data_prefix(checkpoint: str, jsonl: str, seq_len: int, loss_on: str = "
     source = Path(jsonl)
     if not source.is_file():
         raise ConfigError(f"--data {jsonl}: no such file")
-    from megalm.data.tokenizer import special_path
-
     special = Path(special_path(tokenizer))
     digest = hashlib.sha256()
     for part in (source.read_bytes(), tokenizer.read_bytes(), special.read_bytes() if special.is_file() else b"",

@@ -18,11 +18,12 @@ from megalm.checkpoint.format import CheckpointError, checkpoints_root, latest_c
 from megalm.checkpoint.load import CheckpointReader, open_readable
 from megalm.config import Config, ConfigError, resolve
 from megalm.data.blend import BlendedDataset, check_resumed_blend, open_split, tokenizer_prefix
+from megalm.data.chat_dataset import inputs_and_targets
 from megalm.data.dataset import BatchSampler, eval_batches
 from megalm.data.tokenizer import dataset_tokenizer, tokenizer_path
 from megalm.engine import build_engine
 from megalm.engine.optim import lr_at
-from megalm.flops import attention_span_of, flops_per_token
+from megalm.flops import document_squares, flops_per_token
 from megalm.parallel.pipeline.p2p import P2P, activation_shape
 from megalm.runtime import Runtime, discover, faults, finish, start
 from megalm.runtime.signals import DesyncError, StopRequest, agree_to_stop, install, over_budget, uninstall
@@ -329,13 +330,13 @@ def _mark_stopped(step: int, request: StopRequest) -> None:
 def packed_flops(cfg: Config, micro, topo, device):
     """The step's FLOPs per token when its samples pack documents (attention from the documents' own lengths,
     summed over the data-parallel ranks: one two-number all-reduce); None for ordinary samples."""
-    if micro[0].dim() != 3 or micro[0].shape[1] != 3:
+    segments = [inputs_and_targets(b)[2] for b in micro]
+    if segments[0] is None:
         return None
     import torch.distributed as dist
 
-    segments = [b[:, 2, :-1] for b in micro]
-    totals = torch.tensor([sum(attention_span_of(s) * s.numel() for s in segments),
-                           sum(s.numel() for s in segments)], dtype=torch.float64, device=device)
+    totals = torch.tensor([sum(document_squares(s) for s in segments), sum(s.numel() for s in segments)],
+                          dtype=torch.float64, device=device)
     if topo.dp_group is not None:
         dist.all_reduce(totals, group=topo.dp_group)
     return flops_per_token(cfg.model, cfg.data.seq_len, cfg.parallel.activation_checkpointing,

@@ -28,9 +28,8 @@ def _callbacks(engine, p2p, micro_batches, poison: bool = False, phases=None):
         inputs, targets, segments = inputs_and_targets(micro_batches[i])
         inputs = inputs if p2p.is_first(chunk) else x
         targets = targets if p2p.is_last(chunk) else None
-        extra = {} if segments is None else {"segments": segments}
         with timed(phases, "forward", f"micro-batch {i} chunk {chunk}"):
-            out = engine.forward(chunk, inputs, targets, **extra)
+            out = engine.forward(chunk, inputs, targets, segments=segments)
         if poison and p2p.is_last(chunk):            # MEGALM_FAULTS nan: a planted NaN
             out = out * float("nan")
         return out / m if p2p.is_last(chunk) else out
@@ -102,10 +101,9 @@ def evaluate(engine, p2p, batches, topo: Topology) -> float:
         for batch in batches:
             inputs, targets, segments = inputs_and_targets(batch)
             scored = int((targets != IGNORE).sum())         # every token of pretraining data; a chat's answers
-            extra = {} if segments is None else {"segments": segments}
             for c in range(len(engine.chunks)):
                 x = inputs if p2p.is_first(c) else p2p.recv_forward(c)
-                out = engine.forward(c, x, targets if p2p.is_last(c) else None, **extra)
+                out = engine.forward(c, x, targets if p2p.is_last(c) else None, segments=segments)
                 if p2p.is_last(c):
                     total += float(out) * scored
                 else:
