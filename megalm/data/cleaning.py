@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megalm.data.errors import DataError
+from megalm.data.memory import allocated_bytes
 from megalm.data.neardup import MinHasher, NearDupConfig, NearDupIndex
 from megalm.data.quality import QualityFilter, first_rejection
 
@@ -173,8 +174,9 @@ class Decider:
 
     def index_bytes(self) -> int:
         """Memory held by the structures that grow with the corpus (the dedup hash set and the MinHash index)."""
-        # each 16-byte digest is a 49-byte bytes object; the set's table is counted at 1.5x (its resize)
-        size = len(self.seen) * 49 + int(1.5 * sys.getsizeof(self.seen))
+        # each 16-byte digest is a 49-byte bytes object (64 as allocated); the set's table is counted at 1.5x
+        # (its resize)
+        size = len(self.seen) * allocated_bytes(sys.getsizeof(bytes(16))) + int(1.5 * sys.getsizeof(self.seen))
         if self.index is not None:
             size += self.index.nbytes()
         return size

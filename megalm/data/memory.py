@@ -14,3 +14,9 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # kilobytes on Linux
+
+
+def allocated_bytes(requested: int) -> int:
+    """What CPython's small-object allocator hands out for an object of ``requested`` bytes (``sys.getsizeof``):
+    blocks come in multiples of 16 bytes on 64-bit builds (a 36-byte int takes 48, a 49-byte digest 64)."""
+    return -(-requested // 16) * 16

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megalm.data.errors import DataError
+from megalm.data.memory import allocated_bytes
 from megalm.data.quality import words
 
 _ROWS_PER_BLOCK = 1 << 12
@@ -103,9 +104,12 @@ class NearDupIndex:
         return False, best
 
     def nbytes(self) -> int:
-        """Peak memory of the index: the signature blocks, the bucket dictionary's integer keys, and its hash
-        table at 1.5 times its size (while CPython resizes a dictionary the old and the new table both exist)."""
-        return (sum(b.nbytes for b in self._blocks) + 32 * len(self._buckets)
+        """Peak memory of the index: the signature blocks, the bucket dictionary's integer keys (64-bit keys
+        are 36-byte ints, 48 as allocated) and document numbers (one per kept document), and its hash table at
+        1.5 times its size (while CPython resizes a dictionary the old and the new table both exist)."""
+        key = allocated_bytes(sys.getsizeof(2**63))
+        doc_number = allocated_bytes(sys.getsizeof(2**20))
+        return (sum(b.nbytes for b in self._blocks) + key * len(self._buckets) + doc_number * self.kept
                 + int(1.5 * sys.getsizeof(self._buckets)))
 
     def _remember(self, sig: np.ndarray, keys: list[int]) -> None:
