@@ -11,6 +11,7 @@ from megalm.config.schema import (
     FrozenConfigError,
     KernelConfig,
     LoggingConfig,
+    LoRAConfig,
     LRConfig,
     ModelConfig,
     OptimizerConfig,
@@ -20,6 +21,6 @@ from megalm.config.schema import (
 
 __all__ = [
     "SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "FrozenConfigError", "KernelConfig",
-    "LRConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainConfig",
+    "LRConfig", "LoggingConfig", "LoRAConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainConfig",
     "deepspeed_json_path", "describe_fields", "load_config", "preset_folder", "resolve", "resolve_config_file",
 ]

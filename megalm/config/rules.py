@@ -87,7 +87,13 @@ RANGES = {
     "lr.warmup_steps": (0, True, None, False),
     "checkpoint.interval": (0, True, None, False),
     "checkpoint.keep": (1, True, None, False),
+    "lora.rank": (0, True, None, False),
+    "lora.alpha": (0.0, False, None, False),
+    "lora.dropout": (0.0, True, 1.0, False),
 }
+
+LORA_TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                "w_gate": "swiglu", "w_up": "swiglu", "w_in": "gelu", "w_out": "mlp"}
 
 
 def _value(cfg: Config, dotted: str):
@@ -363,6 +369,26 @@ def check_logging(cfg: Config) -> None:
                               f"here: pip install wandb (or unset logging.wandb)")
 
 
+def lora_targets(cfg: Config) -> tuple[str, ...]:
+    """The projections lora.targets names, checked against the model ("all": every one it has)."""
+    has = [t for t, kind in LORA_TARGETS.items() if kind in ("attention", "mlp", cfg.model.activation)]
+    targets = list(cfg.lora.targets)
+    if targets == ["all"]:
+        return tuple(has)
+    for t in targets:
+        if t not in has:
+            why = (f"a {cfg.model.activation} model has no {t}" if t in LORA_TARGETS else "no such projection")
+            raise ConfigError(f"lora.targets names {t!r}: {why}; choose from {', '.join(has)}, or [all]")
+    if len(set(targets)) != len(targets) or not targets:
+        raise ConfigError(f"lora.targets={targets}: name each projection once (or [all])")
+    return tuple(t for t in has if t in targets)
+
+
+def check_lora(cfg: Config) -> None:
+    if cfg.lora.rank:
+        lora_targets(cfg)
+
+
 def validate(cfg: Config, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> None:
     """Every rule, in order; ``world_size`` None checks the layout against parallel.dp (or 1)."""
     check_choices_and_ranges(cfg)
@@ -372,6 +398,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, cuda: Optional[bool]
     check_batch(cfg, world_size)
     check_engine(cfg)
     check_logging(cfg)
+    check_lora(cfg)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:

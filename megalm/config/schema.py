@@ -301,10 +301,24 @@ class KernelConfig(_Freezable):
     """The head's loss at tp = 1: auto, triton (fused linear + cross entropy, never the full logits) or torch."""
 
 
+@dataclass
+class LoRAConfig(_Freezable):
+    rank: int = 0
+    """LoRA (Hu et al. 2021): the rank r of the trainable update B A beside each targeted frozen projection W
+    (y = x W^T + alpha/r * x A^T B^T); 0: off (full fine-tuning). Needs checkpoint.load (the base model)."""
+    alpha: float = 16.0
+    """The update's scale is alpha / rank (PEFT's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the update's input (PEFT's lora_dropout)."""
+    targets: list = field(default_factory=lambda: ["all"])
+    """The block projections that get an update: any of wq, wk, wv, wo (attention), w_gate, w_up, w_in, w_out
+    (MLP; w_gate/w_up for SwiGLU, w_in for GELU), or [all] for every one the model has."""
+
+
 SECTIONS = {
     "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig,
     "optimizer": OptimizerConfig, "lr": LRConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig, "kernels": KernelConfig,
+    "logging": LoggingConfig, "kernels": KernelConfig, "lora": LoRAConfig,
 }
 
 
@@ -320,6 +334,7 @@ class Config(_Freezable):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_explicit", set())

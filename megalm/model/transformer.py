@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
+from megalm.model.lora import lora_update
 from megalm.model.ops import Ops, reference_ops, torch_rope
 from megalm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.tensor.layers import (
@@ -55,6 +56,13 @@ def sharded_dropout(x, p: float, training: bool, tp: TensorParallel, sharded: bo
         with tp_rng(0, tp, x.device):
             return F.dropout(x, p, True)
     return F.dropout(x, p, True)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x W^T + b of a column-parallel projection, plus its LoRA update when it has one."""
+    y = F.linear(x, layer.weight, layer.bias)
+    update = lora_update(layer, x)
+    return y if update is None else y + update
 
 
 def replicated(tensor: torch.Tensor) -> nn.Parameter:
@@ -170,11 +178,13 @@ class Attention(nn.Module):
 
     def _kv(self, layer, x):
         if self.kv_split:
-            return F.linear(x, layer.weight, layer.bias)
+            return project(layer, x)
         hd, j = self.cfg.dim_per_head, self.kv_index
         w = reduce_grad_over_tp(layer.weight, self.tp)[j * hd:(j + 1) * hd]
         b = reduce_grad_over_tp(layer.bias, self.tp)[j * hd:(j + 1) * hd] if layer.bias is not None else None
-        return F.linear(x, w, b)
+        y = F.linear(x, w, b)
+        update = lora_update(layer, x, slice(j * hd, (j + 1) * hd))
+        return y if update is None else y + update
 
     def core(self, q, k, v, mask=None):
         drop = self.cfg.dropout if self.training else 0.0
@@ -187,7 +197,7 @@ class Attention(nn.Module):
         x = enter_tp(x, self.tp)                                   # (B, T, H) on every TP rank
         B, T, _ = x.shape
         hd = self.cfg.dim_per_head
-        q = F.linear(x, self.wq.weight, self.wq.bias).view(B, T, self.local_heads, hd)
+        q = project(self.wq, x).view(B, T, self.local_heads, hd)
         k = self._kv(self.wk, x).view(B, T, self.local_kv, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -234,10 +244,9 @@ class MLP(nn.Module):
     def forward(self, x):
         x = enter_tp(x, self.tp)
         if self.swiglu:
-            gate = F.linear(x, self.w_gate.weight, self.w_gate.bias)
-            hidden = self.ops.swiglu(gate, F.linear(x, self.w_up.weight, self.w_up.bias))
+            hidden = self.ops.swiglu(project(self.w_gate, x), project(self.w_up, x))
         else:
-            hidden = F.gelu(F.linear(x, self.w_in.weight, self.w_in.bias), approximate="tanh")
+            hidden = F.gelu(project(self.w_in, x), approximate="tanh")
         return self.w_out(hidden)
 
 
@@ -355,6 +364,11 @@ def _name_seed(seed: int, name: str) -> int:
 def master_init(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The full (tp = 1) value of parameter ``name``: independent of layout, pipeline stage and rank."""
     leaf = name.rsplit(".", 1)[-1]
+    if name.endswith(".lora.b"):
+        return torch.zeros(shape)                                     # LoRA: the model starts as its base
+    if name.endswith(".lora.a"):                                      # PEFT's kaiming-uniform bound 1/sqrt(in)
+        gen = torch.Generator().manual_seed(_name_seed(seed, name))
+        return (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(shape[1])
     if "norm" in name:
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if leaf == "bias":

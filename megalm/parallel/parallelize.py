@@ -1,14 +1,16 @@
 """The one place where parallelism is composed: which layers this rank holds, which TP slice, which kernels.
 
 ``build_chunks`` turns (config, topology) into this rank's model chunks: pipeline partition first (global layer
-ids per virtual stage), then the tensor-parallel handle, then activation checkpointing, then layout-free
-initialisation (every tensor from its own seeded generator, sliced for this rank).
+ids per virtual stage), then the tensor-parallel handle, then LoRA adapters (the base frozen), then activation
+checkpointing, then layout-free initialisation (every tensor from its own seeded generator, sliced for this rank).
 """
 from __future__ import annotations
 
 import torch
 
 from megalm.config import Config
+from megalm.config.rules import lora_targets
+from megalm.model.lora import add_lora
 from megalm.model.ops import build_ops
 from megalm.model.transformer import ModelChunk, init_chunk
 from megalm.parallel.pipeline.stage import partition_layers
@@ -33,6 +35,8 @@ def build_chunks(cfg: Config, topo: Topology, device: torch.device, init: bool =
         last = topo.is_last_stage and c == len(ids) - 1
         chunk = ModelChunk(cfg.model, topo.tensor_parallel, layer_ids, first, last, ops,
                            cfg.parallel.activation_checkpointing)
+        if cfg.lora.rank:
+            add_lora(chunk, lora_targets(cfg), cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
         if init:
             init_chunk(chunk, cfg.model, cfg.train.seed)
         chunk = chunk.to(device=device, dtype=dtype)

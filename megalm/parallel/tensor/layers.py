@@ -99,6 +99,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = self.tp
         y = F.linear(x, self.weight)                            # (B, T, out), partial sum over ranks
+        adapter = getattr(self, "lora", None)                   # megalm.model.lora: its partial sum too
+        if adapter is not None:
+            y = y + adapter(x)
         if tp.sequence_parallel:
             y = reduce_scatter_to_sequence(y, tp, kind=self.kind)   # (B, T/t, out)
         else:
