@@ -18,7 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 # megalm.kernels resolves only through the installed package mapping, so this also catches a stale install.
-if ! .venv/bin/python -c "import megalm.kernels, deepspeed, tokenizers, safetensors, transformers, pytest, pyarrow, zstandard, datasketch, datasets, hypothesis, wandb" 2>/dev/null; then
+if ! .venv/bin/python -c "import megalm.kernels, deepspeed, tokenizers, safetensors, transformers, pytest, pyarrow, zstandard, datasketch, datasets, hypothesis, wandb, peft" 2>/dev/null; then
   .venv/bin/python -m pip install -q -e ".[test]"
 fi
 .venv/bin/python -c "import torch, megalm; print(f'megalm {megalm.__version__} ready: torch {torch.__version__}, '

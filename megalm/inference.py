@@ -28,7 +28,8 @@ def checkpoint_config(path, overrides: list[str] | None = None) -> tuple[Config,
     train = {**saved["train"], "precision": "fp32" if saved["train"]["precision"] == "fp16"
              else saved["train"]["precision"]}
     cfg = Config.from_dict({"model": saved["model"], "data": saved["data"], "train": train,
-                            "kernels": saved.get("kernels", {}), "parallel": {"engine": "native"}}, explicit=False)
+                            "kernels": saved.get("kernels", {}), "lora": saved.get("lora", {}),
+                            "parallel": {"engine": "native"}}, explicit=False)
     for item in overrides or []:
         key, _, value = item.partition("=")
         cfg.set(key.strip(), value)

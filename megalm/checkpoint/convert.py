@@ -4,6 +4,10 @@
     megalm convert from-hf --src HF_DIR --dst DIR [--tp N] [--pp N] [--verify]
     megalm convert to-hf   --src CKPT --dst HF_DIR [--verify]
     megalm convert from-deepspeed --src DS_DIR --dst DIR --config FILE [--tag TAG] [--verify]
+    megalm convert merge-lora --src LORA_CKPT --dst DIR [--verify]      (adapters folded into their base)
+    megalm convert to-peft --src LORA_CKPT --dst PEFT_DIR               (adapter_config.json + safetensors)
+
+``to-hf`` of a LoRA checkpoint writes the merged model.
 
 Every conversion streams one tensor (or one piece of one) at a time: peak memory is a small multiple of the
 largest tensor. The destination is written aside and renamed into place at the end, and an existing
@@ -110,9 +114,16 @@ def _reader_verified_alongside(folder):
     the GIL), so verification overlaps the conversion; the caller waits on the future before committing."""
     reader = CheckpointReader(folder, verify=False)
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(verify_files, Path(folder), reader.manifest)
+    future = pool.submit(_verify_with_base, reader)
     pool.shutdown(wait=False)
     return reader, future
+
+
+def _verify_with_base(reader) -> None:
+    """The checkpoint's files, and those of the base a LoRA checkpoint's adapters were trained on."""
+    verify_files(reader.folder, reader.manifest)
+    if reader.base is not None:
+        _verify_with_base(reader.base)
 
 
 # ---- megalm -> megalm (another layout) -------------------------------------------------------------------
@@ -123,6 +134,9 @@ def convert_layout(src, dst, tp=1, pp=1, vs=1) -> dict:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
     reader, verified = _reader_verified_alongside(folder)
     m = reader.manifest
+    if reader.base is not None:
+        raise ConvertError(f"{folder} holds LoRA adapters (their base: {reader.base.folder}); they load in any "
+                           f"layout as they are, or merge them first with convert merge-lora")
     cfg = Config.from_dict({k: v for k, v in m["config"].items()})
     tensors = {n: (e["dtype"], tuple(e["shape"])) for n, e in m["tensors"].items()}
     config = {**m["config"], "parallel": {**m["config"]["parallel"], "tp": tp, "pp": pp, "virtual_stages": vs,
@@ -219,12 +233,15 @@ def convert_to_hf(src, dst) -> dict:
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
+    from megalm.checkpoint.lora import MergedAdapters, holds_adapters
+
     reader, verified = _reader_verified_alongside(folder)
     model = Config.from_dict(reader.manifest["config"]).model
     hf_config = hf_config_from_model(model)
-    names = [n for n in reader.manifest["tensors"] if n.startswith("model.")]
-    meta = ((n[len("model."):], torch.empty(reader.global_shape(n), device="meta",
-                                            dtype=dtype_from_name(reader.manifest["tensors"][n]["dtype"])))
+    source = MergedAdapters(reader) if holds_adapters(reader) else reader      # LoRA: the merged model
+    names = [n for n in source.tensor_names() if n.startswith("model.")]
+    meta = ((n[len("model."):], torch.empty(source.global_shape(n), device="meta",
+                                            dtype=dtype_from_name(source.dtype_name(n))))
             for n in names)
     entries = [(k, t.dtype, tuple(t.shape)) for k, t in to_hf(meta, model)]
     dst = Path(dst)
@@ -236,13 +253,13 @@ def convert_to_hf(src, dst) -> dict:
 
     def stream():
         for n in tqdm(names, desc="convert to-hf", leave=False):
-            t = reader.read(n)
+            t = source.read(n)
             as_read[id(t)] = (n, t)
             yield n[len("model."):], t
 
     for key, tensor in to_hf(stream(), model):
         name, original = as_read.pop(id(tensor), (None, None))
-        out.put(key, tensor, reader.byte_range(name) if original is tensor else None)
+        out.put(key, tensor, source.byte_range(name) if original is tensor else None)
         total += tensor.numel() * tensor.element_size()
         as_read.clear()
     out.close()
@@ -318,13 +335,14 @@ def check_destination(dst: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megalm convert", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="kind", required=True)
-    for kind in ("layout", "from-hf", "to-hf", "from-deepspeed"):
+    for kind in ("layout", "from-hf", "to-hf", "from-deepspeed", "merge-lora", "to-peft"):
         p = sub.add_parser(kind)
         p.add_argument("--src", required=True)
         p.add_argument("--dst", required=True)
-        p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=kind in ("from-hf", "to-hf"),
+        p.add_argument("--verify", action=argparse.BooleanOptionalAction,
+                       default=kind in ("from-hf", "to-hf", "merge-lora"),
                        help="compare the logits of source and result before anything is committed at --dst "
-                            "(default: on for from-hf and to-hf)")
+                            "(default: on for from-hf, to-hf and merge-lora; to-peft has no model of its own)")
         p.add_argument("--verify-seq-len", type=int, default=1024,
                        help="the longest verification batch (capped at the model's max_seq_len)")
         if kind in ("layout", "from-hf"):
@@ -335,6 +353,9 @@ def main(argv=None) -> int:
             p.add_argument("--config", required=True, help="the megalm config the DeepSpeed run trained")
             p.add_argument("--tag", help="checkpoint tag (default: the 'latest' file)")
     args = ap.parse_args(argv)
+    if args.kind == "to-peft" and args.verify:
+        ap.error("to-peft writes adapters alone, which have no logits of their own: load them with peft on the "
+                 "model convert to-hf writes from the base")
     dst = Path(args.dst)
     check_destination(dst)
     staging = dst.resolve().parent / f".{dst.name}.converting-{os.getpid()}"
@@ -362,6 +383,14 @@ def _convert(args, dst: Path) -> None:
         convert_from_hf(args.src, dst, args.tp, args.pp, args.virtual_stages)
     elif args.kind == "to-hf":
         convert_to_hf(args.src, dst)
+    elif args.kind == "merge-lora":
+        from megalm.checkpoint.lora import convert_merge_lora
+
+        convert_merge_lora(args.src, dst)
+    elif args.kind == "to-peft":
+        from megalm.checkpoint.lora import convert_to_peft
+
+        convert_to_peft(args.src, dst)
     else:
         convert_from_deepspeed(args.src, dst, args.config, args.tag)
 
@@ -372,7 +401,7 @@ def _verify(args, result: Path) -> dict:
 
     megalm_side = args.src if args.kind == "to-hf" else result
     model_cfg = Config.from_dict(CheckpointReader(latest_checkpoint(megalm_side)).manifest["config"]).model
-    if args.kind == "layout":
+    if args.kind in ("layout", "merge-lora"):
         before, after = verify.megalm_logits_fn(args.src), verify.megalm_logits_fn(result)
     elif args.kind == "from-hf":
         before, after = verify.hf_logits_fn(args.src), verify.megalm_logits_fn(result)

@@ -7,6 +7,7 @@ verified is the file every rank reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from megalm.checkpoint.format import (
+    MANIFEST,
     CheckpointError,
     committed_checkpoints,
     damaged_message,
@@ -35,7 +37,9 @@ class CheckpointReader:
     """Reads slices of the global tensors of one committed checkpoint folder.
 
     ``verify``: hash every file now (single-process tools); False leaves it to ``verify_for_rank`` (training,
-    evaluation, generation), or to the caller.
+    evaluation, generation), or to the caller. A LoRA checkpoint holds the adapters alone and names its base
+    (``lora_base`` in the manifest): the base's tensors are read from there (``self.base``), and its files are
+    verified with this checkpoint's.
     """
 
     def __init__(self, folder, verify: bool = True):
@@ -43,8 +47,16 @@ class CheckpointReader:
         self.manifest = read_manifest(self.folder, verify=False)
         self._handles, self._layouts = {}, {}
         self.bytes_hashed = 0
+        self.base = open_lora_base(self.folder, self.manifest)
         if verify:
             self.verify_files(sorted(self.manifest["files"]))
+            if self.base is not None:
+                self.base.verify_files(sorted(self.base.manifest["files"]))
+
+    def file_owners(self) -> list[tuple["CheckpointReader", str]]:
+        """(reader, file) for every file this checkpoint's tensors come from: its own, then its base's."""
+        own = [(self, f) for f in sorted(self.manifest["files"])]
+        return own + (self.base.file_owners() if self.base is not None else [])
 
     def first_mismatch(self, names) -> str | None:
         """The first of the named files whose sha256 differs from the manifest's (None when all agree)."""
@@ -77,14 +89,33 @@ class CheckpointReader:
                                       f"earlier checkpoint") from None
         return self._handles[file]
 
+    def _holder(self, name: str) -> "CheckpointReader":
+        """The reader whose files hold ``name``: this one, or for a LoRA checkpoint's frozen tensors its base."""
+        if name not in self.manifest["tensors"] and self.base is not None and self.base.has(name):
+            return self.base._holder(name)
+        return self
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor this checkpoint describes (a LoRA checkpoint's base's included)."""
+        own = list(self.manifest["tensors"])
+        return own + ([n for n in self.base.tensor_names() if n not in self.manifest["tensors"]]
+                      if self.base is not None else [])
+
     def has(self, name: str) -> bool:
-        return name in self.manifest["tensors"]
+        return name in self.manifest["tensors"] or (self.base is not None and self.base.has(name))
 
     def global_shape(self, name: str) -> tuple:
-        return tuple(self.manifest["tensors"][name]["shape"])
+        holder = self._holder(name)
+        return tuple(holder.manifest["tensors"][name]["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        return self._holder(name).manifest["tensors"][name]["dtype"]
 
     def read(self, name: str, spec=None, local_shape=None, optional: bool = False):
         """This rank's slice of ``name`` as described by ``spec`` (a ShardSpec; None: the whole tensor)."""
+        holder = self._holder(name)
+        if holder is not self:
+            return holder.read(name, spec, local_shape, optional)
         if not self.has(name):
             if optional:
                 return None
@@ -103,6 +134,8 @@ class CheckpointReader:
         """(file, byte offset, byte count) of this rank's slice of ``name`` when it is one contiguous run of
         bytes in one stored file (a whole tensor, or rows of one piece cut along dim 0); else None. Lets a
         converter copy it file to file in the kernel instead of through memory."""
+        if self._holder(name) is not self:
+            return self._holder(name).byte_range(name, spec)
         shape = self.global_shape(name)
         rows = shape[0] if shape else 1
         for p in pieces_of(self.manifest, name):
@@ -152,16 +185,39 @@ class CheckpointReader:
 def verify_collectively(reader: CheckpointReader) -> None:
     """Collective when a process group exists: every rank calls it. Each rank hashes its share of the files; one
     all-reduce tells every rank whether some file failed, and every rank names the same file."""
-    names = sorted(reader.manifest["files"])
+    owners = reader.file_owners()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mismatch = reader.first_mismatch(f for i, f in enumerate(names) if i % world == rank)
-    bad = 0 if mismatch is None else names.index(mismatch) + 1
+    mine = [(i, holder, f) for i, (holder, f) in enumerate(owners) if i % world == rank]
+    bad = 0
+    for holder in {id(h): h for _, h, _ in mine}.values():
+        mismatch = holder.first_mismatch(f for _, h, f in mine if h is holder)
+        if mismatch is not None:
+            index = next(i for i, h, f in mine if h is holder and f == mismatch) + 1
+            bad = index if not bad else min(bad, index)
     if world > 1:
         flag = torch.tensor([bad], dtype=torch.long)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         bad = int(flag)
     if bad:
-        raise CheckpointError(damaged_message(reader.folder / names[bad - 1]))
+        holder, name = owners[bad - 1]
+        raise CheckpointError(damaged_message(holder.folder / name))
+
+
+def open_lora_base(folder: Path, manifest: dict) -> "CheckpointReader | None":
+    """The base checkpoint a LoRA checkpoint's adapters were trained on (None for any other checkpoint), checked
+    to be the very one: its manifest's sha256 as recorded at the save."""
+    record = manifest.get("lora_base")
+    if record is None:
+        return None
+    base = Path(record["folder"])
+    if not (base / MANIFEST).is_file():
+        raise CheckpointError(f"{folder} holds LoRA adapters trained on {base}, which is gone: put that checkpoint "
+                              f"back where it was to use them")
+    digest = hashlib.sha256((base / MANIFEST).read_bytes()).hexdigest()
+    if digest != record["manifest_sha256"]:
+        raise CheckpointError(f"{folder} holds LoRA adapters trained on {base}, but {base} has changed since "
+                              f"(its manifest's sha256 differs): the adapters belong to another base")
+    return CheckpointReader(base, verify=False)
 
 
 def open_readable(folder, say=print) -> CheckpointReader:

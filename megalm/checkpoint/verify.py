@@ -27,8 +27,14 @@ class VerifyError(RuntimeError):
 def single_model(path) -> tuple[ModelChunk, ModelConfig]:
     """The whole model of a megalm checkpoint in one process, fp32."""
     reader = CheckpointReader(latest_checkpoint(path) or path)
-    model_cfg = Config.from_dict(reader.manifest["config"]).model
+    cfg = Config.from_dict(reader.manifest["config"])
+    model_cfg = cfg.model
     model = ModelChunk(model_cfg, TensorParallel(), range(model_cfg.num_layers), True, True)
+    if cfg.lora.rank:                                    # a LoRA checkpoint: its base and adapters, unmerged
+        from megalm.config.rules import lora_targets
+        from megalm.model.lora import add_lora
+
+        add_lora(model, lora_targets(cfg), cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(reader.read(f"model.{name}", p.shard, tuple(p.shape)).float())

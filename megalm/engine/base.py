@@ -51,9 +51,10 @@ class Engine(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot drop a step's gradients")
 
     @abstractmethod
-    def state_tensors(self, with_optimizer: bool = True) -> Iterator[StateTensor]:
+    def state_tensors(self, with_optimizer: bool = True, trainable_only: bool = False) -> Iterator[StateTensor]:
         """fp32 weights and optimizer state under layout-free names. Collective under ZeRO: every rank runs it to
-        the end; the caller keeps what its rank writes."""
+        the end; the caller keeps what its rank writes. ``trainable_only``: the parameters that train (a LoRA
+        run's adapters), not the frozen ones."""
 
     @abstractmethod
     def load_state_tensors(self, read: Reader, step_count: int, with_optimizer: bool = True) -> None:

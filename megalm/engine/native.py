@@ -95,10 +95,10 @@ class NativeEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     # ---- checkpoint seam: (global name, local tensor, shard spec) triples ----
-    def state_tensors(self, with_optimizer: bool = True):
+    def state_tensors(self, with_optimizer: bool = True, trainable_only: bool = False):
         """Model weights and, per weight, its optimizer state, under layout-free names."""
         for _, name, p, chunk in self.named:
-            if is_tied_copy(chunk, name, self.topo.pp):
+            if is_tied_copy(chunk, name, self.topo.pp) or (trainable_only and not p.requires_grad):
                 continue
             yield f"model.{name}", p.detach(), p.shard
             if not with_optimizer:

@@ -28,7 +28,7 @@ from megalm.parallel.pipeline.p2p import P2P, activation_shape
 from megalm.runtime import Runtime, discover, faults, finish, start
 from megalm.runtime.signals import DesyncError, StopRequest, agree_to_stop, install, over_budget, uninstall
 from megalm.runtime.stragglers import find_straggler, report
-from megalm.train.checkpointing import restore, save
+from megalm.train.checkpointing import lora_base_of, restore, save
 from megalm.train.finetune import check_tokenizer
 from megalm.train.metrics import MetricsLogger, plot_loss_curve
 from megalm.train.step import NonFiniteLoss, evaluate, train_step
@@ -66,6 +66,7 @@ def prepare(cfg: Config) -> tuple[Config, Runtime, CheckpointReader | None, bool
         check_tokenizer(reader, data_tokenizer, tokenizer_prefix(cfg.data))
     cfg = resolve(cfg, info.world_size, checkpoint=(reader.folder, reader.manifest["config"]) if reader else None,
                   adopt_model=from_load, tokenizer=data_tokenizer)
+    lora_base_of(cfg, reader)                         # a LoRA run needs a base: refused before anything starts
     return cfg, start(cfg, info), reader, from_load
 
 
@@ -86,7 +87,8 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     comm = count_tensor_parallel_traffic(engine.chunks)
     say = print if rt.is_logging_rank else (lambda line: None)
     weights_only = from_load and cfg.checkpoint.load_weights_only
-    step, consumed, saved_data = restore(engine, reader, weights_only, say) if reader else (0, 0, {})
+    step, consumed, saved_data, reader = restore(engine, reader, weights_only, say) if reader else (0, 0, {}, None)
+    lora_base = lora_base_of(cfg, reader)
     first_step, progress = step, {"step": step}         # the step the closures below save and log at
     data = {split: open_split(cfg.data, split, cfg.model.vocab_size) for split in ("train", "valid", "test")}
     blend = data["train"] if isinstance(data["train"], BlendedDataset) else None
@@ -137,7 +139,7 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         background = asynchronous and not final
         start = lambda: save(engine, cfg, topo, progress["step"], sampler.consumed_samples,  # noqa: E731
                              tokenizer_path(tokenizer_prefix(cfg.data)),
-                             blend and blend.state(sampler.consumed_samples), background)
+                             blend and blend.state(sampler.consumed_samples), background, lora_base)
         began = time.perf_counter()
         progress["pending_save"] = _saved_or_said(start, cfg, rt, progress)
         if progress["pending_save"] is None and not background:
@@ -296,7 +298,7 @@ def _roll_back(cfg: Config, engine, sampler, log, progress: dict, bad_step: int,
         why = "no checkpoint to roll back to" if source is None else "3 rollbacks already"
         raise NonFiniteLoss(f"non-finite loss at step {bad_step} and {why} (train.on_non_finite=rollback): "
                             f"stopping before the optimizer step", bad_step)
-    back_to, consumed, _ = restore(engine, CheckpointReader(source, verify=False), False, say)
+    back_to, consumed, _, _ = restore(engine, CheckpointReader(source, verify=False), False, say)
     sampler.load_state_dict({"consumed_samples": consumed + (bad_step - back_to) * cfg.train.global_batch_size})
     progress["rollbacks"], progress["step"] = rolled + 1, bad_step
     log.log({"step": bad_step, "rolled_back_to": back_to})

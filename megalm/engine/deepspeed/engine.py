@@ -207,14 +207,14 @@ class DeepSpeedEngine(Engine):
             value = self.torch_optimizer.state.get(p, {}).get(key)
         return None if value is None else value.float().reshape(_shape(p))
 
-    def state_tensors(self, with_optimizer: bool = True):
+    def state_tensors(self, with_optimizer: bool = True, trainable_only: bool = False):
         """fp32 master weights and Adam moments under layout-free names. Every DP rank must run it to the end
         (each value is gathered over the DP group); the caller keeps what its rank owns."""
         with_moments = with_optimizer and self.cfg.optimizer.name == "adamw" and self.optimizer_step_count() > 0
         if with_moments:
             self._link_optimizer_state()
         for name, p, chunk in self.named:
-            if is_tied_copy(chunk, name, self.topo.pp):
+            if is_tied_copy(chunk, name, self.topo.pp) or (trainable_only and not p.requires_grad):
                 continue
             yield f"model.{name}", self._full_fp32(p), p.shard
             for key in OPTIM_KEYS if with_moments else ():
