@@ -45,7 +45,7 @@ def _check(q, k, v):
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def attention_reference(q, k, v, causal=True, softmax_scale=None):
+def attention_reference(q, k, v, causal=True, softmax_scale=None, segments=None):
     """Softmax attention in plain PyTorch, in the inputs' dtype (scores and softmax in fp32, probabilities
     rounded to the value dtype as the kernel does). GQA by repeating K/V: it is the reference."""
     _check(q, k, v)
@@ -57,6 +57,8 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None):
     s = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hq, T, T)
     if causal:
         s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if segments is not None:                                 # packed documents: block-diagonal
+        s = s.masked_fill((segments[:, :, None] != segments[:, None, :])[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).to(v.dtype)
     return torch.matmul(p, v)
 
@@ -122,20 +124,43 @@ def _visible(offs_m, cols, T, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, offs_m, offs_n, offs_d, d_ok, T, skt, svt, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr, PAD_D: tl.constexpr):
-    # Online softmax over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
+def _same_document(seg_base, offs_m, cols, T):
+    # (BLOCK_M, BLOCK_N): query row and key lie in one packed document (rows and keys past T in none).
+    seg_q = tl.load(seg_base + offs_m, mask=offs_m < T, other=-1)
+    seg_k = tl.load(seg_base + cols, mask=cols < T, other=-2)
+    return seg_q[:, None] == seg_k[None, :]
+
+
+@triton.jit
+def _first_key(start_base, offs_m, T, BLOCK_N: tl.constexpr):
+    # The first key block any row of this query block can see: where the earliest of its documents starts.
+    first = tl.min(tl.load(start_base + tl.minimum(offs_m, T - 1)), 0)
+    return (first // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, seg_base, lo, hi, offs_m, offs_n, offs_d, d_ok, T, skt, svt,
+                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr):
+    # Online softmax over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask;
+    # SEGMENTS: and each row's document.
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k, v = _load_kv(k_base, v_base, cols, offs_d, d_ok, T, skt, svt, MASKED, PAD_D)
         qk = _dot(q, tl.trans(k), UPCAST, IEEE)  # (BLOCK_M, BLOCK_N) unscaled scores
         if MASKED:  # rows past T keep their scores: key 0 stays visible to them, so m_i stays finite
-            qk = tl.where(_visible(tl.minimum(offs_m, T - 1), cols, T, CAUSAL), qk, float("-inf"))
+            rows = tl.minimum(offs_m, T - 1)
+            ok = _visible(rows, cols, T, CAUSAL)
+            if SEGMENTS:
+                ok = ok & _same_document(seg_base, rows, cols, T)
+            qk = tl.where(ok, qk, float("-inf"))
         # the scale (> 0) applied to the row max, and inside one fused multiply-add per score
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        m_ref = m_new
+        if SEGMENTS:  # a row may see no key yet (blocks before its document): keep exp2 off -inf - -inf
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(qk * qk_scale - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
@@ -149,10 +174,12 @@ def _attn_fwd_kernel(
     V,  # (B, Hkv, T, D) values, any strides with the last dim contiguous
     O,  # (B, Hq, T, D) output, contiguous
     LSE,  # (B * Hq, T) fp32 output: log2(sum_j exp2(s_ij)) of the base-2 scaled scores s, for the backward
+    SEG,  # (B, T) int32 document of each position (packed sequences), when SEGMENTS
+    START,  # (B, T) int32 first position of each position's document, when SEGMENTS
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,  # strides of Q, K, V (batch, head, time)
     H, T, D,  # query heads, sequence length, head dim
     qk_scale,  # softmax_scale * log2(e)
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr,
 ):
@@ -171,12 +198,19 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of s
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key 0 comes first, in whichever loop, visible to every row: m_i is finite after one step.
+    # Key 0 comes first, in whichever loop, visible to every row: m_i is finite after one step. Packed
+    # documents: from the block where the earliest row's document starts, every block masked.
     mid, hi = _key_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, 0, mid, offs_m, offs_n, offs_d, d_ok, T, skt,
-                                svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mid, hi, offs_m, offs_n, offs_d, d_ok, T, skt,
-                                svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
+    seg_base = SEG + b * T
+    if SEGMENTS:
+        lo = _first_key(START + b * T, offs_m, T, BLOCK_N)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, seg_base, lo, hi, offs_m, offs_n, offs_d,
+                                    d_ok, T, skt, svt, qk_scale, True, CAUSAL, True, BLOCK_N, UPCAST, IEEE, PAD_D)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, seg_base, 0, mid, offs_m, offs_n, offs_d,
+                                    d_ok, T, skt, svt, qk_scale, False, CAUSAL, False, BLOCK_N, UPCAST, IEEE, PAD_D)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, seg_base, mid, hi, offs_m, offs_n, offs_d,
+                                    d_ok, T, skt, svt, qk_scale, True, CAUSAL, False, BLOCK_N, UPCAST, IEEE, PAD_D)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
     tl.store(O + bh * T * D + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -211,11 +245,12 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_m0, offs_n, offs_d, d_ok, T, D,
-                 sqt, qk_scale, sm_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, seg_base, bh, lo, hi, offs_m0, offs_n, offs_d, d_ok,
+                 T, D, sqt, qk_scale, sm_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTS: tl.constexpr,
+                 ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 PAD_D: tl.constexpr):
     # dK, dV (and dQ by atomics) over the query blocks [lo, hi) of one query head; MASKED: apply the
-    # sequence end and the causal mask.
+    # sequence end and the causal mask; SEGMENTS: and each row's document.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_tile(q_base, offs_m, offs_d, d_ok, T, sqt, MASKED, PAD_D)
@@ -229,7 +264,10 @@ def _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, hi, offs_
             delta = tl.load(DELTA + bh * T + offs_m)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, T, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+            ok = _visible(offs_m, offs_n, T, CAUSAL)
+            if SEGMENTS:
+                ok = ok & _same_document(seg_base, offs_m, offs_n, T)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         else:
             p = tl.exp2(s - lse[:, None])
         dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
@@ -262,10 +300,11 @@ def _attn_bwd_dkdv_kernel(
     LSE,  # (B * Hq, T) fp32 base-2 log-sum-exp from the forward
     DELTA,  # (B * Hq, T) fp32 rowsum(O * dO)
     DQ_ACC,  # (B, Hq, T, D) fp32 zeros, accumulated with atomics when ATOMIC_DQ (else unused)
+    SEG,  # (B, T) int32 document of each position, when SEGMENTS
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     H_KV, T, D,
     qk_scale, sm_scale,  # softmax_scale * log2(e), softmax_scale
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr,
 ):
@@ -291,38 +330,45 @@ def _attn_bwd_dkdv_kernel(
     if CAUSAL:
         mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, full_end)
     ragged = start_n + BLOCK_N > T  # selects rather than a runtime `if`, which must keep each variable's type
+    if SEGMENTS:  # packed documents: every query block masked
+        ragged = True
     mid = tl.where(ragged, lo, mid)
     full_end = tl.where(ragged, lo, full_end)
+    seg_base = SEG + b * T
     H = H_KV * GROUP
     for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         bh = b * H + h
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, lo, mid, offs_m0, offs_n, offs_d,
-                              d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST, IEEE,
-                              PAD_D)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, mid, full_end, offs_m0, offs_n,
-                              offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, False, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST,
-                              IEEE, PAD_D)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, bh, full_end, T, offs_m0, offs_n,
-                              offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, ATOMIC_DQ, BLOCK_M, UPCAST,
-                              IEEE, PAD_D)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, seg_base, bh, lo, mid, offs_m0,
+                              offs_n, offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, SEGMENTS, ATOMIC_DQ,
+                              BLOCK_M, UPCAST, IEEE, PAD_D)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, seg_base, bh, mid, full_end, offs_m0,
+                              offs_n, offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, False, CAUSAL, SEGMENTS, ATOMIC_DQ,
+                              BLOCK_M, UPCAST, IEEE, PAD_D)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DO, LSE, DELTA, DQ_ACC, seg_base, bh, full_end, T, offs_m0,
+                              offs_n, offs_d, d_ok, T, D, sqt, qk_scale, sm_scale, True, CAUSAL, SEGMENTS, ATOMIC_DQ,
+                              BLOCK_M, UPCAST, IEEE, PAD_D)
     out = bhk * T * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d, d_ok, T, skt, svt,
-               qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr):
-    # dQ += dS K over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask.
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, seg_base, lo, hi, offs_m, offs_n0, offs_d, d_ok, T, skt,
+               svt, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTS: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr):
+    # dQ += dS K over the key blocks [lo, hi); MASKED: apply the sequence end and the causal mask; SEGMENTS:
+    # and each row's document.
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, T, skt, svt, MASKED, PAD_D)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, T, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+            ok = _visible(offs_m, offs_n, T, CAUSAL)
+            if SEGMENTS:
+                ok = ok & _same_document(seg_base, offs_m, offs_n, T)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         else:
             p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
@@ -340,10 +386,12 @@ def _attn_bwd_dq_kernel(
     DQ,  # (B, Hq, T, D) output: query gradient, contiguous
     LSE,  # (B * Hq, T) fp32 base-2 log-sum-exp from the forward
     DELTA,  # (B * Hq, T) fp32 rowsum(O * dO)
+    SEG,  # (B, T) int32 document of each position, when SEGMENTS
+    START,  # (B, T) int32 first position of each position's document, when SEGMENTS
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     H, T, D,
     qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, PAD_D: tl.constexpr,
 ):
@@ -365,10 +413,16 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     mid, hi = _key_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, 0, mid, offs_m, offs_n0, offs_d, d_ok, T, skt,
-                    svt, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mid, hi, offs_m, offs_n0, offs_d, d_ok, T, skt,
-                    svt, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, IEEE, PAD_D)
+    seg_base = SEG + b * T
+    if SEGMENTS:
+        lo = _first_key(START + b * T, offs_m, T, BLOCK_N)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, seg_base, lo, hi, offs_m, offs_n0, offs_d, d_ok, T,
+                        skt, svt, qk_scale, True, CAUSAL, True, BLOCK_N, UPCAST, IEEE, PAD_D)
+    else:
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, seg_base, 0, mid, offs_m, offs_n0, offs_d, d_ok, T,
+                        skt, svt, qk_scale, False, CAUSAL, False, BLOCK_N, UPCAST, IEEE, PAD_D)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, seg_base, mid, hi, offs_m, offs_n0, offs_d, d_ok, T,
+                        skt, svt, qk_scale, True, CAUSAL, False, BLOCK_N, UPCAST, IEEE, PAD_D)
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 
@@ -430,22 +484,40 @@ def _pick(key: tuple, candidates: list[dict], launch) -> dict:
     return _TUNED[key]
 
 
-def _attn_forward(q, k, v, causal, scale, deterministic=False):
+def document_starts(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) int32: the first position of each position's document (where its segment id began)."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values.to(torch.int32)
+
+
+def _documents(segments, q):
+    """(segment ids, document starts) as the kernels read them, or dummies when there are no segments."""
+    if segments is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy
+    return segments.to(torch.int32).contiguous(), document_starts(segments).contiguous()
+
+
+def _attn_forward(q, k, v, causal, scale, deterministic=False, segments=None):
     B, Hq, T, D = q.shape
     o = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * Hq, T), dtype=torch.float32, device=q.device)
+    seg, starts = _documents(segments, q)
 
     def launch(cfg):
         grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
-        _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q, k, v), Hq, T, D, scale * math.log2(math.e),
-                               GROUP=Hq // k.shape[1], CAUSAL=causal, **_flags(q), **cfg)
+        _attn_fwd_kernel[grid](q, k, v, o, lse, seg, starts, *_strides(q, k, v), Hq, T, D,
+                               scale * math.log2(math.e), GROUP=Hq // k.shape[1], CAUSAL=causal,
+                               SEGMENTS=segments is not None, **_flags(q), **cfg)
 
     candidates = attention_candidates(D, q.dtype, "fwd")[:1 if deterministic else None]
-    launch(_pick(("fwd", B, Hq, k.shape[1], T, D, q.dtype, causal), candidates, launch))
+    launch(_pick(("fwd", B, Hq, k.shape[1], T, D, q.dtype, causal, segments is not None), candidates, launch))
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
+def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic, segments=None):
     """dQ comes either from atomics in the dK/dV kernel or from a kernel of its own (deterministic); when
     tuning, both ways are timed, the atomic one with each dK/dV tile candidate."""
     B, Hq, T, D = q.shape
@@ -455,7 +527,8 @@ def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=_block_d(D))
     dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=v.device)
-    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, **_flags(q))
+    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, SEGMENTS=segments is not None, **_flags(q))
+    seg, starts = _documents(segments, q)
     qk_scale = scale * math.log2(math.e)
     dq_out = {}     # "acc" (fp32, atomic path) or "dq" (q's dtype, own kernel): allocated only when a path runs
 
@@ -468,18 +541,18 @@ def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
         cfg = plan["dkdv"]
         acc = dq_buffer("acc", torch.float32) if plan["atomic"] else dk      # dk: unused when not atomic
         _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta, acc, *_strides(q, k, v),
+            q, k, v, do, dk, dv, lse, delta, acc, seg, *_strides(q, k, v),
             Hkv, T, D, qk_scale, scale, ATOMIC_DQ=plan["atomic"], **common, **cfg)
         if not plan["atomic"]:
             cfg = plan["dq"]
             _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
-                q, k, v, do, dq_buffer("dq", q.dtype), lse, delta, *_strides(q, k, v), Hq, T, D, qk_scale,
+                q, k, v, do, dq_buffer("dq", q.dtype), lse, delta, seg, starts, *_strides(q, k, v), Hq, T, D, qk_scale,
                 scale, **common, **cfg)
 
     dkdv = attention_candidates(D, q.dtype, "dkdv")
     split = dict(atomic=False, dkdv=dkdv[0], dq=attention_candidates(D, q.dtype, "dq")[0])
     plans = [split] if deterministic else [dict(atomic=True, dkdv=cfg) for cfg in dkdv] + [split]
-    plan = _pick(("bwd", B, Hq, Hkv, T, D, q.dtype, causal), plans, run)
+    plan = _pick(("bwd", B, Hq, Hkv, T, D, q.dtype, causal, segments is not None), plans, run)
     if plan["atomic"]:
         dq_buffer("acc", torch.float32).zero_()   # after any timing runs, which accumulated into it too
     run(plan)
@@ -488,22 +561,26 @@ def _attn_backward(do, q, k, v, o, lse, causal, scale, deterministic):
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, deterministic):
+    def forward(ctx, q, k, v, causal, scale, deterministic, segments):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = _attn_forward(q, k, v, causal, scale, deterministic)
+        o, lse = _attn_forward(q, k, v, causal, scale, deterministic, segments)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+        ctx.causal, ctx.scale, ctx.deterministic, ctx.segments = causal, scale, deterministic, segments
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic, ctx.segments)
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False, segments=None):
     """Fused attention: q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D) in q's dtype.
+
+    ``segments`` (B, T): the packed document of each position; a query sees only keys of its own document
+    (block-diagonal, and causal when ``causal``). Key blocks before the earliest document of a query block are
+    skipped; the others are masked by segment id.
 
     ``deterministic=True`` computes dQ in its own pass, never with atomics, and launches the default tiles
     only, so gradients are bit-identical run to run; otherwise a GPU takes whichever tiles and dQ path it
@@ -513,6 +590,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=Fals
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if segments is not None and tuple(segments.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"segments must be (B, T) = {(q.shape[0], q.shape[2])}; got {tuple(segments.shape)}")
     if not can_launch(q, k, v):
-        return attention_reference(q, k, v, causal, scale)
-    return FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic)
+        return attention_reference(q, k, v, causal, scale, segments)
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic, segments)

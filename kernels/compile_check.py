@@ -62,13 +62,16 @@ def _launch_everything(quick: bool = False) -> None:
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32)
     for dtype in dtypes:
         for d in (64, 128) if quick else (64, 128, 256):
-            cases = ((4, True), (1, False)) if quick else ((1, True), (4, True), (1, False))
-            for group, causal in cases:
+            cases = ((4, True, False), (1, False, False), (4, True, True)) if quick else \
+                ((1, True, False), (4, True, False), (1, False, False), (4, True, True))
+            for group, causal, packed in cases:                # packed: document segment ids
                 q = torch.empty(1, 4, 256, d, dtype=dtype)
                 k = torch.empty(1, 4 // group, 256, d, dtype=dtype)
-                o, lse = attention._attn_forward(q, k, k, causal, 1 / math.sqrt(d))
+                segments = torch.arange(256).div(100, rounding_mode="floor")[None] if packed else None
+                o, lse = attention._attn_forward(q, k, k, causal, 1 / math.sqrt(d), segments=segments)
                 for deterministic in (True, False):
-                    attention._attn_backward(torch.empty_like(o), q, k, k, o, lse, causal, 0.1, deterministic)
+                    attention._attn_backward(torch.empty_like(o), q, k, k, o, lse, causal, 0.1, deterministic,
+                                             segments)
         for hidden in (1024, 4096, 16384 if dtype == torch.float32 else 32768):
             x = torch.empty(8, hidden, dtype=dtype)
             w = torch.empty(hidden, dtype=dtype)

@@ -16,12 +16,35 @@ import torch
 import torch.nn.functional as F
 
 
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: query i may attend to key j when both lie in one document and j <= i."""
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & torch.ones_like(same[0], dtype=torch.bool).tril())[:, None]
+
+
+class Documents:
+    """The packed documents of a micro-batch, as attention takes them: ``segments`` (B, T), each position's
+    document, for the Triton kernel; the dense mask (``document_mask``) for the PyTorch path, built once on
+    first use and shared by every layer."""
+
+    def __init__(self, segments: torch.Tensor):
+        self.segments, self._dense = segments, None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = document_mask(self.segments)
+        return self._dense
+
+
 def torch_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, mask=None):
     """q: (B, Hq, T, D); k, v: (B, Hkv, Tk, D) with Hq a multiple of Hkv (grouped-query attention).
 
     With a KV cache Tk > T: the queries are the last T positions, so the causal mask is offset (bottom-right).
-    ``mask`` (B, 1, T, T) boolean, True where a query may attend: packed documents (it includes causality).
+    ``mask`` (B, 1, T, T) boolean, True where a query may attend: packed documents (it includes causality);
+    or ``Documents``.
     """
+    if isinstance(mask, Documents):
+        mask = mask.dense()
     T, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:
@@ -75,10 +98,12 @@ class Ops:
     _linear_cross_entropy: Callable
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0, mask=None):
-        if dropout_p > 0.0 or q.shape[2] != k.shape[2] or mask is not None:
-            # The fused kernel has no dropout, no cache offset and no document mask yet: they go to the reference.
+        """``mask``: None, or the packed ``Documents`` (the Triton kernel takes their segment ids)."""
+        dense = mask is not None and not isinstance(mask, Documents)
+        if self.impls["attention"] != "triton" or dropout_p > 0.0 or q.shape[2] != k.shape[2] or dense:
+            # The fused kernel has no dropout, no cache offset and no dense mask: they go to the reference.
             return torch_attention(q, k, v, causal, dropout_p, mask)
-        return self._attention(q, k, v, causal)
+        return self._attention(q, k, v, causal, None if mask is None else mask.segments)
 
     def norm(self, kind: str, x, weight, bias: Optional[torch.Tensor], eps: float):
         if kind == "rmsnorm":
@@ -108,13 +133,15 @@ def build_ops(attention: str = "auto", norm: str = "auto", device: torch.device 
     """Resolve the kernel choice once, at model build: ``auto`` is Triton on CUDA, PyTorch elsewhere."""
     choices = dict(attention=attention, norm=norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy)
     impls = {what: "triton" if _use_triton(choice, device, what) else "torch" for what, choice in choices.items()}
-    ops = dict(_attention=lambda q, k, v, c: torch_attention(q, k, v, c), _layer_norm=torch_layer_norm,
+    ops = dict(_attention=lambda q, k, v, c, segments: torch_attention(
+                   q, k, v, c, mask=None if segments is None else document_mask(segments)),
+               _layer_norm=torch_layer_norm,
                _rms_norm=torch_rms_norm, rope=torch_rope, swiglu=torch_swiglu,
                _linear_cross_entropy=torch_linear_cross_entropy)
     if impls["attention"] == "triton":
         from megalm.kernels.attention import flash_attention
 
-        ops["_attention"] = lambda q, k, v, c: flash_attention(q, k, v, causal=c)
+        ops["_attention"] = lambda q, k, v, c, segments: flash_attention(q, k, v, causal=c, segments=segments)
     if impls["norm"] == "triton":
         from megalm.kernels.norm import layer_norm, rms_norm
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
 from megalm.model.lora import lora_update
-from megalm.model.ops import Ops, reference_ops, torch_rope
+from megalm.model.ops import Documents, Ops, document_mask, reference_ops, torch_rope  # noqa: F401
 from megalm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.tensor.layers import (
     ColumnParallelLinear,
@@ -139,12 +139,6 @@ def document_positions(segments: torch.Tensor) -> torch.Tensor:
     starts[:, 0] = True
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
     return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-
-
-def document_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean: query i may attend to key j when both lie in one document and j <= i."""
-    same = segments[:, :, None] == segments[:, None, :]
-    return (same & torch.ones_like(same[0], dtype=torch.bool).tril())[:, None]
 
 
 class Attention(nn.Module):
@@ -328,7 +322,7 @@ class ModelChunk(nn.Module):
         if segments is not None and (cache is not None or start_pos):
             raise ValueError("packed documents (segments) are for training and scoring, not KV-cached decoding")
         positions = document_positions(segments) if segments is not None else None
-        mask = document_mask(segments) if segments is not None else None
+        mask = Documents(segments) if segments is not None else None
         h = self.embed_tokens(x, start_pos, positions) if self.first else x
         # The full sequence length: tokens on the first chunk, sequence shards elsewhere under SP.
         seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel and not self.first else 1)

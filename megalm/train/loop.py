@@ -17,6 +17,7 @@ from megalm.bench.harness import device_peak_flops
 from megalm.checkpoint.format import CheckpointError, checkpoints_root, latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader, open_readable
 from megalm.config import Config, ConfigError, resolve
+from megalm.config.rules import lora_targets
 from megalm.data.blend import BlendedDataset, check_resumed_blend, open_split, tokenizer_prefix
 from megalm.data.chat_dataset import inputs_and_targets
 from megalm.data.dataset import BatchSampler, eval_batches
@@ -368,5 +369,11 @@ def _announce(cfg: Config, rt: Runtime, engine, step: int, source) -> None:
           f"{engine.parameter_count() / 1e6:.2f}M parameters on rank 0 (its tensor-parallel slice of its "
           f"pipeline stage)", flush=True)
     print("kernels: " + ", ".join(f"{op} {impl}" for op, impl in engine.chunks[0].ops.impls.items()), flush=True)
+    if cfg.lora.rank:
+        trainable = sum(getattr(q, "ds_numel", q.numel()) for c in engine.chunks for q in c.parameters()
+                        if q.requires_grad)
+        print(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(lora_targets(cfg))}: "
+              f"{trainable / 1e6:.3f}M trainable parameters on rank 0 "
+              f"({100 * trainable / max(engine.parameter_count(), 1):.2f}%), the base frozen", flush=True)
     if source:
         print(f"{'starting from' if step == 0 else 'resuming from'} {source} at step {step}", flush=True)

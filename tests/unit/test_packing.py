@@ -1,6 +1,7 @@
 """Packed documents: inside one sequence each document's logits and gradients equal those of the document alone
-(fp32, 1e-5), with learned positions and with RoPE, at tp = 1 and (slow) tp = 2 with sequence parallelism; the
-boundary target is ignored; data.document_mask and data.pack build the segments."""
+(fp32, 1e-5), with learned positions and with RoPE, at tp = 1 and (slow) tp = 2 with sequence parallelism, on the
+PyTorch path (SDPA with the block-diagonal mask) and with the Triton kernel (segment ids, under the interpreter
+on a CPU); the boundary target is ignored; data.document_mask and data.pack build the segments."""
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,11 @@ MODELS = {
 }
 
 
-def model(cfg: ModelConfig, tp: TensorParallel) -> ModelChunk:
-    chunk = ModelChunk(cfg, tp, range(cfg.num_layers), True, True)
+def model(cfg: ModelConfig, tp: TensorParallel, kernel: str = "torch") -> ModelChunk:
+    from megalm.model.ops import build_ops
+
+    chunk = ModelChunk(cfg, tp, range(cfg.num_layers), True, True, build_ops(kernel, "torch"))
+    assert chunk.ops.impls["attention"] == kernel
     init_chunk(chunk, cfg, seed=3)
     return chunk
 
@@ -49,9 +53,10 @@ def packed_and_alone(chunk: ModelChunk, tp: TensorParallel):
     return packed_logits[0], packed_grads, alone_logits, alone_grads
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_packed_documents_equal_documents_alone(name):
-    packed, packed_grads, alone, alone_grads = packed_and_alone(model(MODELS[name], TensorParallel()),
+def test_packed_documents_equal_documents_alone(name, kernel):
+    packed, packed_grads, alone, alone_grads = packed_and_alone(model(MODELS[name], TensorParallel(), kernel),
                                                                 TensorParallel())
     torch.testing.assert_close(packed[:8], alone[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed[9:15], alone[1], rtol=1e-5, atol=1e-6)
@@ -59,14 +64,14 @@ def test_packed_documents_equal_documents_alone(name):
         torch.testing.assert_close(packed_grads[n], alone_grads[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def _tp2(rank, world, name, queue):
+def _tp2(rank, world, name, kernel, queue):
     import torch.distributed as dist
 
     from megalm.parallel.topology import build_topology
 
     topo = build_topology(2, 1, sequence_parallel=True)
     tp = topo.tensor_parallel
-    packed, packed_grads, alone, alone_grads = packed_and_alone(model(MODELS[name], tp), tp)
+    packed, packed_grads, alone, alone_grads = packed_and_alone(model(MODELS[name], tp, kernel), tp)
     reference = packed_and_alone(model(MODELS[name], TensorParallel()), TensorParallel())
     torch.testing.assert_close(packed[:8], alone[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed[9:15], alone[1], rtol=1e-5, atol=1e-6)
@@ -79,12 +84,13 @@ def _tp2(rank, world, name, queue):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_packed_documents_at_tp2_with_sequence_parallelism(name):
+def test_packed_documents_at_tp2_with_sequence_parallelism(name, kernel):
     from megalm.runtime.spawn import run_distributed
 
     queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    run_distributed(_tp2, 2, name, queue)
+    run_distributed(_tp2, 2, name, kernel, queue)
     assert queue.get() > 5
 
 
