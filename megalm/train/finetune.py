@@ -25,27 +25,30 @@ def _checkpoint_name(checkpoint: str) -> str:
     return path.name
 
 
-def default_run_dir(checkpoint: str, data: str | None) -> str:
+def default_run_dir(checkpoint: str, data: str | None, lora_rank: int = 0) -> str:
     data_name = Path(data).name if data else "data"
-    return str(Path("runs") / f"finetune-{_checkpoint_name(checkpoint)}-{data_name}")
+    suffix = f"-lora{lora_rank}" if lora_rank else ""
+    return str(Path("runs") / f"finetune-{_checkpoint_name(checkpoint)}-{data_name}{suffix}")
 
 
-def claim_run_dir(run_dir: str, checkpoint: str, data) -> None:
-    """Make ``run_dir`` this fine-tuning's own, or refuse it when it holds another run."""
+def claim_run_dir(run_dir: str, checkpoint: str, data, lora: dict | None = None) -> None:
+    """Make ``run_dir`` this fine-tuning's own, or refuse it when it holds another run (another checkpoint,
+    other data, or full fine-tuning against LoRA or LoRA of other settings)."""
     folder = Path(run_dir)
-    wanted = {"checkpoint": str(Path(checkpoint).resolve()), "data": data}
+    wanted = {"checkpoint": str(Path(checkpoint).resolve()), "data": data, "lora": lora}
     marker = folder / MARKER
     if marker.is_file():
-        found = json.loads(marker.read_text())
+        found = {"lora": None, **json.loads(marker.read_text())}
         if found != wanted:
-            raise ConfigError(f"train.run_dir={run_dir} is the fine-tuning of {found['checkpoint']} on "
-                              f"{found['data']}, not of {wanted['checkpoint']} on {data}: pass another "
-                              f"train.run_dir, or leave it out for a new one")
+            how = lambda r: f"LoRA {r['lora']}" if r["lora"] else "full fine-tuning"       # noqa: E731
+            raise ConfigError(f"train.run_dir={run_dir} is the {how(found)} of {found['checkpoint']} on "
+                              f"{found['data']}, not the {how(wanted)} of {wanted['checkpoint']} on {data}: "
+                              f"pass another train.run_dir, or leave it out for a new one")
         return
     if folder.is_dir() and any(p.name != MARKER and not p.name.startswith(f".{MARKER}") for p in folder.iterdir()):
+        fresh = default_run_dir(checkpoint, data if isinstance(data, str) else None, (lora or {}).get("rank", 0))
         raise ConfigError(f"train.run_dir={run_dir} already holds another run; fine-tuning never resumes or writes "
-                          f"into a run it did not start: pass a new train.run_dir, or leave it out for "
-                          f"{default_run_dir(checkpoint, data if isinstance(data, str) else None)}")
+                          f"into a run it did not start: pass a new train.run_dir, or leave it out for {fresh}")
     if int(os.environ.get("RANK", "0")) == 0:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
@@ -61,8 +64,10 @@ def finetune_overrides(checkpoint: str, config: str | None, overrides: list[str]
     cfg = load_config(config, overrides)
     data = list(cfg.data.blend) if cfg.data.blend is not None else cfg.data.prefix
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("train.run_dir=")]
-    run_dir = given[-1] if given else default_run_dir(checkpoint, cfg.data.prefix)
-    claim_run_dir(run_dir, checkpoint, data)
+    run_dir = given[-1] if given else default_run_dir(checkpoint, cfg.data.prefix, cfg.lora.rank)
+    lora = ({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}
+            if cfg.lora.rank else None)
+    claim_run_dir(run_dir, checkpoint, data, lora)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"megalm finetune: weights of {checkpoint}, data {data}, run directory {run_dir}", flush=True)
     return [*overrides, f"train.run_dir={run_dir}"]

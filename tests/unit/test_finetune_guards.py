@@ -45,7 +45,7 @@ def test_finetune_takes_a_new_run_dir_and_never_touches_another_run(pretrained, 
     assert f"run directory {expected}" in out and "resuming from" not in out
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before      # untouched
     marker = json.loads((expected / "finetune.json").read_text())
-    assert marker == {"checkpoint": str(pretrained.resolve()), "data": tiny_corpus}
+    assert marker == {"checkpoint": str(pretrained.resolve()), "data": tiny_corpus, "lora": None}
     assert latest_checkpoint(expected) is not None and len(read_metrics(expected)) > 0
 
     # naming the other run explicitly is refused before anything is written
@@ -59,6 +59,14 @@ def test_finetune_takes_a_new_run_dir_and_never_touches_another_run(pretrained, 
     capsys.readouterr()
     assert cli(["finetune", "--checkpoint", str(pretrained)] + _finetune_args(tiny_corpus, **{"train.steps": 3})) == 0
     assert "resuming from" in capsys.readouterr().out
+
+    # LoRA of the same checkpoint and data is another run: a directory of its own, and the full run's refused
+    lora = _finetune_args(tiny_corpus, **{"train.steps": 2, "lora.rank": 4})
+    assert cli(["finetune", "--checkpoint", str(pretrained)] + lora) == 0
+    out = capsys.readouterr().out
+    assert f"run directory {expected}-lora4" in out and "resuming from" not in out
+    assert cli(["finetune", "--checkpoint", str(pretrained), f"train.run_dir={expected}"] + lora) == 2
+    assert "is the full fine-tuning of" in capsys.readouterr().err
 
 
 def test_finetune_refuses_data_of_another_tokenizer(pretrained, tmp_path, capsys):
