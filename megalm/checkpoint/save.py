@@ -169,15 +169,46 @@ def save_checkpoint(run_dir, step: int, owned, manifest: dict, tokenizer_file=No
     return finish_save(job, write_shard(job), manifest, tokenizer_file, keep)
 
 
+class SnapshotBuffers:
+    """Host buffers an asynchronous save copies into, kept from one save to the next (at most one save is in
+    flight, so the next snapshot only starts once the previous save's writer is done with them). A CUDA tensor
+    goes into page-locked memory with a non-blocking copy, all copies then awaited at once, as PyTorch DCP's
+    async save does; a CPU tensor into a plain buffer. ``reused`` counts the copies that found their buffer."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.reused = 0
+
+    def snapshot(self, owned) -> list:
+        out, cuda = [], False
+        for name, t, spec in owned:
+            t = t.detach()
+            buf = self._buffers.get(name)
+            if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype:
+                self.reused += 1
+            else:
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+                self._buffers[name] = buf
+            buf.copy_(t, non_blocking=t.is_cuda)
+            cuda = cuda or t.is_cuda
+            out.append((name, buf, spec))
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 class AsyncSave:
     """A save whose writing runs on a thread: the step is blocked only for the snapshot (a copy of what this rank
-    owns, into host memory) and ``begin_save``; ``finish`` (collective) waits for the thread and commits, with
-    the same protocol and the same files as a synchronous save."""
+    owns, into host memory: ``buffers``, reused between saves) and ``begin_save``; ``finish`` (collective) waits
+    for the thread and commits, with the same protocol and the same files as a synchronous save."""
 
     def __init__(self, run_dir, step: int, owned, manifest: dict, tokenizer_file=None, keep: int = 2,
-                 strike=None):
+                 strike=None, buffers: SnapshotBuffers | None = None):
         start = time.perf_counter()
-        snapshot = [(name, t.detach().to("cpu", copy=True), spec) for name, t, spec in owned]
+        snapshot = (buffers or SnapshotBuffers()).snapshot(owned)
         self.job = begin_save(run_dir, step, snapshot, strike)
         self.manifest, self.tokenizer_file, self.keep = manifest, tokenizer_file, keep
         self.result: dict = {}

@@ -269,8 +269,9 @@ class CheckpointConfig(_Freezable):
     async_save: bool = True
     """Write checkpoints in the background: the step is blocked only while each rank copies what it owns into
     host memory; writing, hashing and the commit follow on a thread, committed at a later step boundary (at most
-    one save in flight; the next waits for it, and says so). Off: the step waits for the whole save. DeepSpeed
-    saves (and checkpoint.deepspeed_native) stay synchronous."""
+    one save in flight; the next waits for it, and says so). Off: the step waits for the whole save. Under
+    DeepSpeed the snapshot includes gathering each value over data parallelism; with checkpoint.deepspeed_native
+    saves stay synchronous (DeepSpeed's own save is collective)."""
     deepspeed_native: bool = False
     """Under DeepSpeed, also write DeepSpeed's own ZeRO checkpoint at each save, to train.run_dir/deepspeed/
     (tag global_stepN), for DeepSpeed's tools; `megalm convert from-deepspeed` reads it back. Needs pp = 1."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from megalm.checkpoint.format import MANIFEST, CheckpointError
 from megalm.checkpoint.load import CheckpointReader, newest_intact
 from megalm.checkpoint.manifest import layout_entry, new_manifest
-from megalm.checkpoint.save import AsyncSave, save_checkpoint
+from megalm.checkpoint.save import AsyncSave, SnapshotBuffers, save_checkpoint
 from megalm.config import Config, ConfigError
 from megalm.model.lora import is_adapter
 from megalm.model.transformer import master_init
@@ -17,11 +17,12 @@ from megalm.runtime import faults
 
 
 def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, tokenizer_file,
-         blend_state: list | None = None, asynchronous: bool = False, lora_base: Path | None = None
-         ) -> AsyncSave | None:
+         blend_state: list | None = None, asynchronous: bool = False, lora_base: Path | None = None,
+         buffers: SnapshotBuffers | None = None) -> AsyncSave | None:
     """``blend_state``: with data.blend, each source's prefix, weight and samples consumed (checked at resume).
     ``asynchronous``: returns the save in flight (finish it, collectively, with ``.finish()``). ``lora_base``: a
-    LoRA run's base checkpoint: the save holds the adapters (and their optimizer state) alone and names it."""
+    LoRA run's base checkpoint: the save holds the adapters (and their optimizer state) alone and names it.
+    ``buffers``: the host buffers an asynchronous save snapshots into, kept by the caller from save to save."""
     with_optim = cfg.checkpoint.save_optimizer
     owned = [(name, tensor, spec) for name, tensor, spec in engine.state_tensors(with_optim, trainable_only=bool(
              lora_base)) if writes_piece(spec, topo.tp_rank, topo.dp_rank)]
@@ -38,7 +39,8 @@ def save(engine, cfg: Config, topo: Topology, step: int, consumed_samples: int, 
     rank = topo.rank
     strike = lambda point, piece=None, path=None: faults.strike(point, rank, step, piece, path)     # noqa: E731
     if asynchronous:
-        return AsyncSave(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike)
+        return AsyncSave(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike,
+                         buffers)
     save_checkpoint(cfg.train.run_dir, step, owned, manifest, tokenizer_file, cfg.checkpoint.keep, strike=strike)
     if cfg.checkpoint.deepspeed_native:                     # collective, like DeepSpeed's save_checkpoint
         engine.save_native_checkpoint(Path(cfg.train.run_dir) / "deepspeed", tag=f"global_step{step}")

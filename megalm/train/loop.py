@@ -16,6 +16,7 @@ import torch
 from megalm.bench.harness import device_peak_flops
 from megalm.checkpoint.format import CheckpointError, checkpoints_root, latest_checkpoint
 from megalm.checkpoint.load import CheckpointReader, open_readable
+from megalm.checkpoint.save import SnapshotBuffers
 from megalm.config import Config, ConfigError, resolve
 from megalm.config.rules import lora_targets
 from megalm.data.blend import BlendedDataset, check_resumed_blend, open_split, tokenizer_prefix
@@ -120,7 +121,8 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         log.evaluation(progress["step"], split, loss, sum(b.shape[0] for b in batches), record)
         return loss
 
-    asynchronous = cfg.checkpoint.async_save and not cfg.uses_deepspeed
+    asynchronous = cfg.checkpoint.async_save and not cfg.checkpoint.deepspeed_native   # DeepSpeed's own: collective
+    snapshot_buffers = SnapshotBuffers()                 # host copies for asynchronous saves, reused
 
     def settle(wait: bool = True) -> None:
         """Commit the save in flight: when ``wait``, now; else only if every rank's writing is done (collective:
@@ -140,7 +142,8 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         background = asynchronous and not final
         start = lambda: save(engine, cfg, topo, progress["step"], sampler.consumed_samples,  # noqa: E731
                              tokenizer_path(tokenizer_prefix(cfg.data)),
-                             blend and blend.state(sampler.consumed_samples), background, lora_base)
+                             blend and blend.state(sampler.consumed_samples), background, lora_base,
+                             snapshot_buffers)
         began = time.perf_counter()
         progress["pending_save"] = _saved_or_said(start, cfg, rt, progress)
         if progress["pending_save"] is None and not background:

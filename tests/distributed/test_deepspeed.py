@@ -136,16 +136,20 @@ def test_pp2_dp2_equals_one_process(tiny_corpus, tmp_path, native, stage):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,precision", [(3, "fp32"), (0, "bf16")])
 def test_resume_equals_uninterrupted_run(tiny_corpus, tmp_path, stage, precision):
-    """Bit-exact resume. ZeRO-0 in bf16 keeps its fp32 masters and Adam moments outside DeepSpeed's
-    per-parameter API (FP16_UnfusedOptimizer's fp32_groups): saved and restored through them."""
+    """Bit-exact resume, from an asynchronous save (steps 2 and 4 write in the background; the stop at 5 is
+    synchronous, and the run resumes from step 4's). ZeRO-0 in bf16 keeps its fp32 masters and Adam moments
+    outside DeepSpeed's per-parameter API (FP16_UnfusedOptimizer's fp32_groups): saved and restored through
+    them."""
     extra = {**ADAMW, "train.steps": 8, "parallel.zero_stage": stage, "parallel.engine": "deepspeed",
-             "train.precision": precision}
+             "train.precision": precision, "checkpoint.interval": 2}
     if stage == 3:
         extra["parallel.deepspeed_config"] = ZERO3_JSON
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(tiny_corpus, straight, 2, **extra)
     run(tiny_corpus, resumed, 2, **extra, **{"train.stop_at_step": 5})
-    run(tiny_corpus, resumed, 2, **extra)
+    saves = [(r["step"], r["checkpoint_async"]) for r in read_metrics(resumed) if "checkpoint_async" in r]
+    assert saves == [(2, True), (4, True), (5, False)]
+    run(tiny_corpus, resumed, 2, **extra, **{"checkpoint.load": str(resumed / "checkpoints" / "step_0000004")})
     assert losses(straight) == losses(resumed)
     a, b = weights(straight), weights(resumed)
     for name in a:

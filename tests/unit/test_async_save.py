@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from megalm.checkpoint.format import committed_checkpoints
 from megalm.config import load_config
 from megalm.train.loop import train
@@ -46,3 +49,29 @@ def test_a_run_resumed_from_an_async_checkpoint_continues_exactly(tiny_corpus, t
     _run(tiny_corpus, tmp_path / "resumed")
     loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}     # noqa: E731
     assert loss(tmp_path / "straight") == loss(tmp_path / "resumed")
+
+
+def test_snapshot_buffers_are_reused_from_save_to_save():
+    from megalm.checkpoint.save import SnapshotBuffers
+    from megalm.parallel.shard import ShardSpec
+
+    buffers, spec = SnapshotBuffers(), ShardSpec(None)
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    first = buffers.snapshot([("model.w", w, spec)])
+    w.add_(10)                                                  # training moves on
+    assert torch.equal(first[0][1], torch.arange(6.0).reshape(2, 3))     # the snapshot is a copy
+    second = buffers.snapshot([("model.w", w, spec)])
+    assert second[0][1].data_ptr() == first[0][1].data_ptr() and buffers.reused == 1
+    assert torch.equal(second[0][1], w)
+    third = buffers.snapshot([("model.w", torch.zeros(4), spec)])      # another shape: a new buffer
+    assert third[0][1].shape == (4,) and buffers.reused == 1 and buffers.nbytes() == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (page-locked host buffers)")
+def test_snapshot_buffers_of_cuda_tensors_are_page_locked():
+    from megalm.checkpoint.save import SnapshotBuffers
+    from megalm.parallel.shard import ShardSpec
+
+    w = torch.randn(1024, 1024, device="cuda")
+    (_, copy, _), = SnapshotBuffers().snapshot([("model.w", w, ShardSpec(None))])
+    assert copy.is_pinned() and copy.device.type == "cpu" and torch.equal(copy, w.cpu())
