@@ -99,7 +99,7 @@ def _count(model: ModelConfig, tp: int, sequence_parallel: bool, checkpointing: 
 
     saved = _Saved()
     ops = reference_ops()
-    ops._attention = lambda q, k, v, causal: _FlashLike.apply(q, k, v)
+    ops._attention = lambda q, k, v, causal, documents=None: _FlashLike.apply(q, k, v)
     if fused_loss:
         ops._linear_cross_entropy = _FusedLossLike.apply
     reduce, gather, scatter = _shape_only(tp)

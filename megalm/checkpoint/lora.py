@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megalm.checkpoint.convert_common import prepare_destination, reader_verified_alongside, write_checkpoint
 from megalm.checkpoint.layout import ConvertError
 from megalm.checkpoint.writer import PlannedSafetensorsFile
 from megalm.model.lora import adapter_pairs, is_adapter, merge
@@ -69,14 +70,13 @@ class MergedAdapters:
 def convert_merge_lora(src, dst) -> dict:
     """A LoRA checkpoint's merged model as a plain megalm checkpoint (no adapters, no base to keep beside it),
     in the layout the base was saved in; the training state is not carried (a merged model starts afresh)."""
-    from megalm.checkpoint.convert import _reader_verified_alongside, write_checkpoint
     from megalm.checkpoint.format import latest_checkpoint
     from megalm.config import Config
 
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
-    reader, verified = _reader_verified_alongside(folder)
+    reader, verified = reader_verified_alongside(folder)
     if not holds_adapters(reader):
         raise ConvertError(f"{folder} holds no LoRA adapters: there is nothing to merge")
     merged = MergedAdapters(reader)
@@ -108,7 +108,6 @@ def convert_to_peft(src, dst) -> dict:
     """A LoRA checkpoint's adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors) for the
     Hugging Face model ``convert to-hf`` writes from the base checkpoint. Llama-family models only: GPT-2 fuses
     q, k and v into one Conv1D, on which separate adapters have no PEFT form."""
-    from megalm.checkpoint.convert import _prepare_destination, _reader_verified_alongside
     from megalm.checkpoint.format import latest_checkpoint
     from megalm.checkpoint.hf import hf_config_from_model
     from megalm.config import Config
@@ -116,7 +115,7 @@ def convert_to_peft(src, dst) -> dict:
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
-    reader, verified = _reader_verified_alongside(folder)
+    reader, verified = reader_verified_alongside(folder)
     if not holds_adapters(reader):
         raise ConvertError(f"{folder} holds no LoRA adapters: train with lora.rank > 0, or use convert to-hf")
     settings = lora_settings(reader)
@@ -130,7 +129,7 @@ def convert_to_peft(src, dst) -> dict:
     empty = [n for n, t in zip(names, tensors) if t.numel() == 0]
     if empty:
         raise ConvertError(f"{folder}: adapters {empty[:3]} are empty; the checkpoint is damaged")
-    tmp = _prepare_destination(Path(dst))
+    tmp = prepare_destination(Path(dst))
     out = PlannedSafetensorsFile(tmp / "adapter_model.safetensors",
                                  [(k, t.dtype, tuple(t.shape)) for (k, _), t in zip(keys, tensors)], sha256=False)
     for (key, _), t in zip(keys, tensors):

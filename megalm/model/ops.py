@@ -99,11 +99,10 @@ class Ops:
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0, mask=None):
         """``mask``: None, or the packed ``Documents`` (the Triton kernel takes their segment ids)."""
-        dense = mask is not None and not isinstance(mask, Documents)
-        if self.impls["attention"] != "triton" or dropout_p > 0.0 or q.shape[2] != k.shape[2] or dense:
+        if dropout_p > 0.0 or q.shape[2] != k.shape[2] or (mask is not None and not isinstance(mask, Documents)):
             # The fused kernel has no dropout, no cache offset and no dense mask: they go to the reference.
             return torch_attention(q, k, v, causal, dropout_p, mask)
-        return self._attention(q, k, v, causal, None if mask is None else mask.segments)
+        return self._attention(q, k, v, causal, mask)
 
     def norm(self, kind: str, x, weight, bias: Optional[torch.Tensor], eps: float):
         if kind == "rmsnorm":
@@ -133,15 +132,16 @@ def build_ops(attention: str = "auto", norm: str = "auto", device: torch.device 
     """Resolve the kernel choice once, at model build: ``auto`` is Triton on CUDA, PyTorch elsewhere."""
     choices = dict(attention=attention, norm=norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy)
     impls = {what: "triton" if _use_triton(choice, device, what) else "torch" for what, choice in choices.items()}
-    ops = dict(_attention=lambda q, k, v, c, segments: torch_attention(
-                   q, k, v, c, mask=None if segments is None else document_mask(segments)),
+    # _attention(q, k, v, causal, documents): documents None or the packed Documents
+    ops = dict(_attention=lambda q, k, v, c, documents: torch_attention(q, k, v, c, mask=documents),
                _layer_norm=torch_layer_norm,
                _rms_norm=torch_rms_norm, rope=torch_rope, swiglu=torch_swiglu,
                _linear_cross_entropy=torch_linear_cross_entropy)
     if impls["attention"] == "triton":
         from megalm.kernels.attention import flash_attention
 
-        ops["_attention"] = lambda q, k, v, c, segments: flash_attention(q, k, v, causal=c, segments=segments)
+        ops["_attention"] = lambda q, k, v, c, documents: flash_attention(
+            q, k, v, causal=c, segments=None if documents is None else documents.segments)
     if impls["norm"] == "triton":
         from megalm.kernels.norm import layer_norm, rms_norm
 
