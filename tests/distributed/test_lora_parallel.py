@@ -1,4 +1,4 @@
-"""LoRA under every layout: fine-tuning losses at tp = 2 with sequence parallelism, pp = 2, and DeepSpeed ZeRO-1/2/3
+"""LoRA under every layout: fine-tuning losses at tp = 2 with sequence parallelism, pp = 2, and DeepSpeed ZeRO 0-3
 on two data-parallel ranks equal one process's (fp32, rtol 1e-5); the ZeRO-3 run's saved adapters are whole (no
 zero-size tensors: every value gathered before it is written) and its merged model's logits equal the unmerged
 one's (convert merge-lora verifies them)."""
@@ -18,7 +18,9 @@ LLAMA = {"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position"
 LAYOUTS = {
     "tp2-sp": {"parallel.tp": 2, "parallel.sequence_parallel": "true"},
     "pp2": {"parallel.pp": 2},
+    "zero0-dp2": {"parallel.zero_stage": 0, "parallel.engine": "deepspeed"},
     "zero1-dp2": {"parallel.zero_stage": 1, "parallel.engine": "deepspeed"},
+    "zero2-dp2": {"parallel.zero_stage": 2, "parallel.engine": "deepspeed"},
     "zero3-dp2": {"parallel.zero_stage": 3, "parallel.engine": "deepspeed"},
 }
 
