@@ -67,18 +67,26 @@ class MergedAdapters:
         return self.reader.tokenizer()
 
 
-def convert_merge_lora(src, dst) -> dict:
-    """A LoRA checkpoint's merged model as a plain megalm checkpoint (no adapters, no base to keep beside it),
-    in the layout the base was saved in; the training state is not carried (a merged model starts afresh)."""
+def open_adapters(src, otherwise: str):
+    """(folder, reader, its verification in flight) of the LoRA checkpoint at ``src``; a checkpoint without
+    adapters is refused, ``otherwise`` saying what to do instead."""
     from megalm.checkpoint.format import latest_checkpoint
-    from megalm.config import Config
 
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
     reader, verified = reader_verified_alongside(folder)
     if not holds_adapters(reader):
-        raise ConvertError(f"{folder} holds no LoRA adapters: there is nothing to merge")
+        raise ConvertError(f"{folder} holds no LoRA adapters: {otherwise}")
+    return folder, reader, verified
+
+
+def convert_merge_lora(src, dst) -> dict:
+    """A LoRA checkpoint's merged model as a plain megalm checkpoint (no adapters, no base to keep beside it),
+    in the layout the base was saved in; the training state is not carried (a merged model starts afresh)."""
+    from megalm.config import Config
+
+    folder, reader, verified = open_adapters(src, "there is nothing to merge")
     merged = MergedAdapters(reader)
     config = {**reader.manifest["config"], "lora": {**reader.manifest["config"]["lora"], "rank": 0}}
     cfg = Config.from_dict(config)
@@ -108,16 +116,10 @@ def convert_to_peft(src, dst) -> dict:
     """A LoRA checkpoint's adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors) for the
     Hugging Face model ``convert to-hf`` writes from the base checkpoint. Llama-family models only: GPT-2 fuses
     q, k and v into one Conv1D, on which separate adapters have no PEFT form."""
-    from megalm.checkpoint.format import latest_checkpoint
     from megalm.checkpoint.hf import hf_config_from_model
     from megalm.config import Config
 
-    folder = latest_checkpoint(src)
-    if folder is None:
-        raise ConvertError(f"no committed megalm checkpoint under {src}")
-    reader, verified = reader_verified_alongside(folder)
-    if not holds_adapters(reader):
-        raise ConvertError(f"{folder} holds no LoRA adapters: train with lora.rank > 0, or use convert to-hf")
+    folder, reader, verified = open_adapters(src, "train with lora.rank > 0, or use convert to-hf")
     settings = lora_settings(reader)
     model = Config.from_dict(reader.manifest["config"]).model
     if hf_config_from_model(model)["model_type"] == "gpt2":
