@@ -93,6 +93,9 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
     lora_base = lora_base_of(cfg, reader)
     first_step, progress = step, {"step": step}         # the step the closures below save and log at
     data = {split: open_split(cfg.data, split, cfg.model.vocab_size) for split in ("train", "valid", "test")}
+    eval_share = max(1, t.eval_samples // (t.micro_batch_size * topo.dp)) * t.micro_batch_size * topo.dp
+    for split in ("valid", "test"):          # a split too small to evaluate is refused before the first step
+        eval_batches(data[split], t.micro_batch_size, eval_share)
     blend = data["train"] if isinstance(data["train"], BlendedDataset) else None
     if blend is not None:
         check_resumed_blend(blend, saved_data.get("blend"), consumed)
@@ -114,8 +117,7 @@ def _train(cfg: Config, rt: Runtime, reader, from_load: bool) -> dict:
         (Path(t.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     def run_eval(split: str, record: bool = True) -> float:
-        share = max(1, t.eval_samples // (t.micro_batch_size * topo.dp)) * t.micro_batch_size
-        batches = list(eval_batches(data[split], t.micro_batch_size, share * topo.dp))
+        batches = list(eval_batches(data[split], t.micro_batch_size, eval_share))
         mine = [b for i, b in enumerate(batches) if i % topo.dp == topo.dp_rank]
         loss = evaluate(engine, p2p, [b.to(rt.device) for b in mine], topo)
         log.evaluation(progress["step"], split, loss, sum(b.shape[0] for b in batches), record)
