@@ -290,3 +290,13 @@ def test_compiled_blocks_train_as_eager_does(tiny_corpus, tmp_path):
                                rtol=1e-5, atol=0)
     names = [set(CheckpointReader(latest_checkpoint(tmp_path / d)).manifest["tensors"]) for d in ("eager", "compiled")]
     assert names[0] == names[1]
+
+
+def test_a_split_too_small_to_evaluate_is_refused_before_the_first_step(tiny_corpus, tmp_path):
+    from megalm.data.errors import DataError
+
+    overrides = tiny_overrides(tiny_corpus, tmp_path, **{"train.micro_batch_size": 128, "train.global_batch_size": 128,
+                                                     "train.eval_samples": 128})           # valid holds 123
+    with pytest.raises(DataError, match="cannot fill one micro-batch of 128"):
+        train(load_config(None, overrides))
+    assert not [r for r in read_metrics(tmp_path) if "loss" in r]          # not one step was trained
