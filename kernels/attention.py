@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from megalm.model.documents import document_starts
+
 from .utils import attention_candidates, can_launch, interpreting, next_power_of_2, tl, triton
 
 
@@ -484,20 +486,12 @@ def _pick(key: tuple, candidates: list[dict], launch) -> dict:
     return _TUNED[key]
 
 
-def document_starts(segments: torch.Tensor) -> torch.Tensor:
-    """(B, T) int32: the first position of each position's document (where its segment id began)."""
-    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    return torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values.to(torch.int32)
-
-
 def _documents(segments, q):
     """(segment ids, document starts) as the kernels read them, or dummies when there are no segments."""
     if segments is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         return dummy, dummy
-    return segments.to(torch.int32).contiguous(), document_starts(segments).contiguous()
+    return segments.to(torch.int32).contiguous(), document_starts(segments).to(torch.int32).contiguous()
 
 
 def _attn_forward(q, k, v, causal, scale, deterministic=False, segments=None):

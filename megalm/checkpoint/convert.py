@@ -36,6 +36,7 @@ from megalm.checkpoint.convert_common import (  # noqa: F401 (base_meta, write_c
 from megalm.checkpoint.format import latest_checkpoint
 from megalm.checkpoint.layout import ConvertError
 from megalm.checkpoint.load import CheckpointReader, rows_byte_range, safetensors_offsets
+from megalm.checkpoint.lora import MergedAdapters, convert_merge_lora, convert_to_peft, holds_adapters
 from megalm.checkpoint.writer import PlannedSafetensorsFile, dtype_from_name
 from megalm.config import Config
 
@@ -146,8 +147,6 @@ def convert_to_hf(src, dst) -> dict:
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
-    from megalm.checkpoint.lora import MergedAdapters, holds_adapters
-
     reader, verified = reader_verified_alongside(folder)
     model = Config.from_dict(reader.manifest["config"]).model
     hf_config = hf_config_from_model(model)
@@ -297,12 +296,8 @@ def _convert(args, dst: Path) -> None:
     elif args.kind == "to-hf":
         convert_to_hf(args.src, dst)
     elif args.kind == "merge-lora":
-        from megalm.checkpoint.lora import convert_merge_lora
-
         convert_merge_lora(args.src, dst)
     elif args.kind == "to-peft":
-        from megalm.checkpoint.lora import convert_to_peft
-
         convert_to_peft(args.src, dst)
     else:
         convert_from_deepspeed(args.src, dst, args.config, args.tag)

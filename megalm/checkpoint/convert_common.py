@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megalm.checkpoint.format import commit, verify_files
+from megalm.checkpoint.format import commit
 from megalm.checkpoint.layout import ConvertError, check_target_layout, plan_layout
 from megalm.checkpoint.load import CheckpointReader
 from megalm.checkpoint.manifest import add_piece, add_tokenizer, layout_entry, new_manifest, piece_entry
@@ -96,13 +96,6 @@ def reader_verified_alongside(folder):
     the GIL), so verification overlaps the conversion; the caller waits on the future before committing."""
     reader = CheckpointReader(folder, verify=False)
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(verify_with_base, reader)
+    future = pool.submit(reader.verify_all)
     pool.shutdown(wait=False)
     return reader, future
-
-
-def verify_with_base(reader) -> None:
-    """The checkpoint's files, and those of the base a LoRA checkpoint's adapters were trained on."""
-    verify_files(reader.folder, reader.manifest)
-    if reader.base is not None:
-        verify_with_base(reader.base)

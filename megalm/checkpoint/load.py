@@ -49,9 +49,13 @@ class CheckpointReader:
         self.bytes_hashed = 0
         self.base = open_lora_base(self.folder, self.manifest)
         if verify:
-            self.verify_files(sorted(self.manifest["files"]))
-            if self.base is not None:
-                self.base.verify_files(sorted(self.base.manifest["files"]))
+            self.verify_all()
+
+    def verify_all(self) -> None:
+        """Every file this checkpoint's tensors come from (a LoRA checkpoint's base's too) against its sha256."""
+        self.verify_files(sorted(self.manifest["files"]))
+        if self.base is not None:
+            self.base.verify_all()
 
     def file_owners(self) -> list[tuple["CheckpointReader", str]]:
         """(reader, file) for every file this checkpoint's tensors come from: its own, then its base's."""
@@ -187,13 +191,13 @@ def verify_collectively(reader: CheckpointReader) -> None:
     all-reduce tells every rank whether some file failed, and every rank names the same file."""
     owners = reader.file_owners()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = [(i, holder, f) for i, (holder, f) in enumerate(owners) if i % world == rank]
-    bad = 0
-    for holder in {id(h): h for _, h, _ in mine}.values():
-        mismatch = holder.first_mismatch(f for _, h, f in mine if h is holder)
+    mine = [(holder, f) for i, (holder, f) in enumerate(owners) if i % world == rank]
+    found = []                              # 1-based indices into owners of the files that fail
+    for holder in {id(h): h for h, _ in mine}.values():
+        mismatch = holder.first_mismatch(f for h, f in mine if h is holder)
         if mismatch is not None:
-            index = next(i for i, h, f in mine if h is holder and f == mismatch) + 1
-            bad = index if not bad else min(bad, index)
+            found.append(owners.index((holder, mismatch)) + 1)
+    bad = min(found, default=0)
     if world > 1:
         flag = torch.tensor([bad], dtype=torch.long)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 
 from megalm.checkpoint.convert_common import prepare_destination, reader_verified_alongside, write_checkpoint
+from megalm.checkpoint.format import latest_checkpoint
+from megalm.checkpoint.hf_config import hf_config_from_model
 from megalm.checkpoint.layout import ConvertError
 from megalm.checkpoint.writer import PlannedSafetensorsFile
+from megalm.config import Config
 from megalm.model.lora import adapter_pairs, is_adapter, merge
 
 # megalm projection -> PEFT target module (Llama-family names, as transformers calls the layers)
@@ -37,7 +40,7 @@ class MergedAdapters:
     """A LoRA checkpoint read as its merged model (model tensors only; names and shapes of the base)."""
 
     def __init__(self, reader):
-        self.reader, self.folder, self.manifest = reader, reader.folder, reader.manifest
+        self.reader = reader
         settings = lora_settings(reader)
         self.scale = settings["alpha"] / settings["rank"]
         names = [n[len("model."):] for n in reader.tensor_names() if n.startswith("model.")]
@@ -63,15 +66,10 @@ class MergedAdapters:
     def byte_range(self, name: str, spec=None):
         return None if name in self.pairs else self.reader.byte_range(name, spec)
 
-    def tokenizer(self):
-        return self.reader.tokenizer()
-
 
 def open_adapters(src, otherwise: str):
     """(folder, reader, its verification in flight) of the LoRA checkpoint at ``src``; a checkpoint without
     adapters is refused, ``otherwise`` saying what to do instead."""
-    from megalm.checkpoint.format import latest_checkpoint
-
     folder = latest_checkpoint(src)
     if folder is None:
         raise ConvertError(f"no committed megalm checkpoint under {src}")
@@ -84,8 +82,6 @@ def open_adapters(src, otherwise: str):
 def convert_merge_lora(src, dst) -> dict:
     """A LoRA checkpoint's merged model as a plain megalm checkpoint (no adapters, no base to keep beside it),
     in the layout the base was saved in; the training state is not carried (a merged model starts afresh)."""
-    from megalm.config import Config
-
     folder, reader, verified = open_adapters(src, "there is nothing to merge")
     merged = MergedAdapters(reader)
     config = {**reader.manifest["config"], "lora": {**reader.manifest["config"]["lora"], "rank": 0}}
@@ -116,9 +112,6 @@ def convert_to_peft(src, dst) -> dict:
     """A LoRA checkpoint's adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors) for the
     Hugging Face model ``convert to-hf`` writes from the base checkpoint. Llama-family models only: GPT-2 fuses
     q, k and v into one Conv1D, on which separate adapters have no PEFT form."""
-    from megalm.checkpoint.hf import hf_config_from_model
-    from megalm.config import Config
-
     folder, reader, verified = open_adapters(src, "train with lora.rank > 0, or use convert to-hf")
     settings = lora_settings(reader)
     model = Config.from_dict(reader.manifest["config"]).model

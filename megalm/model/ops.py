@@ -15,25 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-
-def document_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean: query i may attend to key j when both lie in one document and j <= i."""
-    same = segments[:, :, None] == segments[:, None, :]
-    return (same & torch.ones_like(same[0], dtype=torch.bool).tril())[:, None]
-
-
-class Documents:
-    """The packed documents of a micro-batch, as attention takes them: ``segments`` (B, T), each position's
-    document, for the Triton kernel; the dense mask (``document_mask``) for the PyTorch path, built once on
-    first use and shared by every layer."""
-
-    def __init__(self, segments: torch.Tensor):
-        self.segments, self._dense = segments, None
-
-    def dense(self) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = document_mask(self.segments)
-        return self._dense
+from megalm.model.documents import Documents
 
 
 def torch_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, mask=None):

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
+from megalm.model.documents import Documents, document_positions
 from megalm.model.lora import lora_update
-from megalm.model.ops import Documents, Ops, document_mask, reference_ops, torch_rope  # noqa: F401
+from megalm.model.ops import Ops, reference_ops, torch_rope
 from megalm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.tensor.layers import (
     ColumnParallelLinear,
@@ -130,15 +131,6 @@ def rope_tables(positions: torch.Tensor, freqs: torch.Tensor):
     if positions.dim() == 2:
         angles = angles[:, None]
     return angles.cos(), angles.sin()
-
-
-def document_positions(segments: torch.Tensor) -> torch.Tensor:
-    """Positions (B, T) that restart at 0 where the segment id changes: each packed document from its start."""
-    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
-    starts = torch.zeros_like(segments, dtype=torch.bool)
-    starts[:, 0] = True
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
 
 
 class Attention(nn.Module):
