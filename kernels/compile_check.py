@@ -29,8 +29,9 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 def captured_launches():
     """Within the block, ``kernel[grid](*args, **kwargs)`` records (kernel, args, kwargs) instead of launching,
     and the kernel modules believe they may launch on CPU tensors."""
-    from megalm.kernels import attention, cross_entropy, norm, rope, swiglu
     from triton.runtime.jit import JITFunction
+
+    from megalm.kernels import attention, cross_entropy, norm, rope, swiglu
 
     calls = []
     modules = [attention, cross_entropy, norm, rope, swiglu]

@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
       || .venv/bin/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
   fi
 fi
-# megalm.kernels resolves only through the installed package mapping, so this also catches a stale install.
+# Importing megalm.kernels (through the megalm/kernels symlink) and each test dependency catches a stale install.
 if ! .venv/bin/python -c "import megalm.kernels, deepspeed, tokenizers, safetensors, transformers, pytest, pyarrow, zstandard, datasketch, datasets, hypothesis, wandb, peft" 2>/dev/null; then
   .venv/bin/python -m pip install -q -e ".[test]"
 fi

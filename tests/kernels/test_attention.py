@@ -8,6 +8,7 @@ TF32 to exclude), the atomic-dQ path's nondeterminism, and long sequences (too s
 import pytest
 import torch
 from kernel_checks import DEVICE, check_fwd_bwd, max_err
+
 from megalm.kernels import attention as attn_mod
 from megalm.kernels.attention import attention_reference, flash_attention
 from megalm.kernels.utils import interpreting

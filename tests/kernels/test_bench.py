@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import torch
-from megalm.kernels.utils import interpreting, triton_available
 
 from megalm.bench import kernels as bench
+from megalm.kernels.utils import interpreting, triton_available
 
 
 def test_bench_runs_references_on_cpu(tmp_path, capsys):

@@ -5,10 +5,11 @@ The kernel has no tl.dot (the matmuls are PyTorch's), so every dtype runs in the
 import pytest
 import torch
 from kernel_checks import DEVICE, check_fwd_bwd
-from megalm.kernels import cross_entropy as ce_mod
-from megalm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from megalm.kernels import cross_entropy as ce_mod
+from megalm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 # (dtype, atol, rtol): the per-chunk dW products are rounded to the input dtype before the fp32 sum; bf16 also
 # allows the interpreter's truncating fp32 -> bf16 cast of the logit gradients (the GPU rounds to nearest).

@@ -41,9 +41,9 @@ def test_model_calls_every_fused_kernel(monkeypatch):
     """With every kernel on triton, one forward with targets goes through each fused op (not a fallback):
     attention and norms, RoPE on q and k, SwiGLU, and the fused head + loss."""
     import torch
-    from megalm.kernels import attention, cross_entropy, norm, rope, swiglu
 
     from megalm.config import ModelConfig
+    from megalm.kernels import attention, cross_entropy, norm, rope, swiglu
     from megalm.model.transformer import ModelChunk, init_chunk
     from megalm.parallel.topology import TensorParallel
 

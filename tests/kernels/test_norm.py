@@ -6,6 +6,7 @@ Nothing in the norms uses tl.dot, so every dtype runs in the interpreter; only l
 import pytest
 import torch
 from kernel_checks import DEVICE, check_fwd_bwd
+
 from megalm.kernels import norm as norm_mod
 from megalm.kernels.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 

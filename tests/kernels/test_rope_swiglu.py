@@ -3,6 +3,7 @@ interpreter; only large shapes are GPU-only)."""
 import pytest
 import torch
 from kernel_checks import DEVICE, check_fwd_bwd
+
 from megalm.kernels import swiglu as swiglu_mod
 from megalm.kernels.rope import apply_rope, rope_reference
 from megalm.kernels.swiglu import swiglu, swiglu_reference

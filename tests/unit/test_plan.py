@@ -152,10 +152,9 @@ def test_a_machine_interpolates_its_measured_collective_table_and_round_trips(tm
 def test_the_fused_loss_kernel_is_counted_as_it_runs_on_a_gpu():
     """At tp = 1 on a GPU the head's loss is the fused kernel: the meta count with its stand-in equals what the real
     kernel function (its chunked PyTorch path, here) keeps, and the head then keeps no logits."""
-    from megalm.kernels.cross_entropy import linear_cross_entropy
-
     from megalm.bench.activations import saved_activation_bytes
     from megalm.config import resolve
+    from megalm.kernels.cross_entropy import linear_cross_entropy
     from megalm.model.transformer import ModelChunk, init_chunk, reference_ops
     from megalm.parallel.topology import TensorParallel
 

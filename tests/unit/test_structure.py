@@ -98,3 +98,27 @@ def test_every_package_ships_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.relative_to(ROOT).parts[:-1]) for p in (ROOT / "megalm").rglob("__init__.py")}
     assert found - listed == set()
+
+
+SHOW_KERNELS = """
+import importlib.util, pathlib, sys
+import megalm.kernels.attention
+spec = importlib.util.find_spec("kernels")
+regular = spec is not None and spec.origin not in (None, "namespace")
+bare = pathlib.Path(spec.origin).resolve() if regular else "none"
+print(bare, pathlib.Path(megalm.kernels.attention.__file__).resolve())
+"""
+
+
+def test_the_kernels_folder_never_shadows_the_pypi_kernels_package(tmp_path):
+    """transformers imports the unrelated PyPI `kernels`; with the repository root first on sys.path (pytest,
+    `python -m` in a checkout) our kernels/ must not be found in its place (CI failed on exactly that)."""
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/__init__.py would make the folder `kernels`"
+    for cwd in (ROOT, tmp_path):
+        out = subprocess.run([sys.executable, "-c", SHOW_KERNELS], cwd=cwd, capture_output=True, text=True, check=True)
+        bare, ours = out.stdout.split()
+        assert bare == "none" or not Path(bare).is_relative_to(ROOT / "kernels"), (cwd, bare)
+        assert Path(ours).is_relative_to(ROOT / "kernels"), (cwd, ours)

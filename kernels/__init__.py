@@ -1,1 +1,0 @@
-"""Fused Triton kernels, each beside its PyTorch reference. Imported as ``megalm.kernels``."""
