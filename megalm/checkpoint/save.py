@@ -134,6 +134,8 @@ def finish_save(job: SaveJob, written: dict, manifest: dict, tokenizer_file=None
                 note: str = "") -> Path:
     """Collective: rank 0 gathers every rank's report and commits (or abandons the save everywhere with the same
     CheckpointError; the previous checkpoint stays the latest)."""
+    if job.strike("save_gather"):       # fault injection: this rank drops the commit's collectives, as a bug would
+        return job.final
     reports = _gather_to_rank0(written)
     status = None
     if _rank() == 0:

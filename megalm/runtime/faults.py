@@ -6,6 +6,7 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
     MEGALM_FAULTS="stop:rank=2,step=3"              # SIGSTOP it there (a hung process)
     MEGALM_FAULTS="delay:rank=1,seconds=0.2"        # a straggler: sleep 0.2 s at the start of every step
     MEGALM_FAULTS="skip_collective:rank=1,step=4"   # rank 1 skips the stop agreement after step 4
+    MEGALM_FAULTS="skip_collective:rank=1,step=4,at=save_gather"   # ... or the commit gather of step 4's save
     MEGALM_FAULTS="hang:rank=0,step=2"              # rank 0 stops making progress but keeps its heartbeat
     MEGALM_FAULTS="nan:rank=1,step=3"               # rank 1's loss of step 3 is NaN (and so its gradients)
     MEGALM_FAULTS="corrupt:rank=0,step=4"           # flip a byte of rank 0's shard of step 4 once it is on disk
@@ -17,7 +18,9 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
 ``rank`` defaults to every rank and ``step`` to every step. The points where a fault can strike are named
 (``step_start``, ``stop_agreement``, ``loss``, and inside a save: ``save_begin``, ``save_piece`` (with
 ``piece=K``: before the rank's K-th tensor), ``save_hashed``, ``save_durable``, ``save_manifest``, ``save_rename``,
-``save_pointer``, ``save_marker``, ``save_prune``); each action has its own point unless ``at=`` names one.
+``save_pointer``, ``save_marker``, ``save_prune``, and ``save_gather``: the collective gather of every rank's
+report that decides the commit); each action has its own point unless ``at=`` names one (``skip_collective``: a
+collective point, ``stop_agreement`` or ``save_gather``).
 Unknown actions, keys or points are an error naming them, so a typo never rehearses nothing.
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ ACTIONS = {"kill": "step_start", "stop": "step_start", "delay": "step_start", "h
 KEYS = {"rank", "step", "seconds", "at", "piece"}
 SAVE_POINTS = ("save_begin", "save_piece", "save_hashed", "save_durable", "save_manifest", "save_rename",
                "save_pointer", "save_marker", "save_prune")
-POINTS = ("step_start", "stop_agreement", "loss", *SAVE_POINTS)
+COLLECTIVE_POINTS = ("stop_agreement", "save_gather")        # where skip_collective can strike
+POINTS = ("step_start", "loss", *COLLECTIVE_POINTS, *SAVE_POINTS)
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,12 @@ def parse(text: str | None) -> tuple[Fault, ...]:
             values[key] = float(value) if key == "seconds" else value if key == "at" else int(value)
         if values.get("at") not in (None, *POINTS):
             raise ValueError(f"MEGALM_FAULTS: unknown point at={values['at']} in {item!r}; known: {', '.join(POINTS)}")
-        if values.get("at") and action not in ("kill", "stop", "delay"):
+        if action == "skip_collective" and values.get("at") not in (None, *COLLECTIVE_POINTS):
+            raise ValueError(f"MEGALM_FAULTS: skip_collective strikes at a collective, not at={values['at']} in "
+                             f"{item!r}; known: {', '.join(COLLECTIVE_POINTS)}")
+        if values.get("at") and action not in ("kill", "stop", "delay", "skip_collective"):
             raise ValueError(f"MEGALM_FAULTS: {action} strikes at its own point ({ACTIONS[action]}); at= is for "
-                             f"kill, stop and delay")
+                             f"kill, stop, delay and skip_collective")
         faults.append(Fault(action, **values))
     return tuple(faults)
 

@@ -401,3 +401,49 @@ def test_the_first_deepspeed_start_says_it_is_compiling_and_where_it_caches(tmp_
     (next(tmp_path.rglob("deepspeed_shm_comm")) / "deepspeed_shm_comm.so").write_bytes(b"")
     assert announce_jit_builds(["ShareMemCommBuilder"]) == []
     assert capsys.readouterr().out == ""
+
+
+def _writer_only_values(rank, world, overrides, out):
+    """After one AdamW step, ``state_tensors`` must give data-parallel rank 0 the values DeepSpeed's own
+    all-reduce/all-gather assembles, and every other data-parallel rank None, without calling that API."""
+    from megalm.config import resolve
+    from megalm.engine import build_engine
+    from megalm.parallel.topology import build_topology
+
+    cfg = resolve(load_config(None, overrides), world)
+    topo = build_topology(cfg.parallel.tp)
+    engine = build_engine(cfg, topo, torch.device("cpu"))
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(topo.dp_rank))
+    engine.backward(0, engine.forward(0, tokens[:, :-1], tokens[:, 1:]))
+    engine.step(1e-2)
+    utils = engine._ds_module.utils
+    full_api = utils.safe_get_full_fp32_param, utils.safe_get_full_optimizer_state
+
+    def refuse(*args):
+        raise AssertionError("state_tensors used DeepSpeed's all-ranks API")
+    utils.safe_get_full_fp32_param = utils.safe_get_full_optimizer_state = refuse
+    got = [(name, value) for name, value, _ in engine.state_tensors()]
+    utils.safe_get_full_fp32_param, utils.safe_get_full_optimizer_state = full_api
+    named = {f"model.{n}": p for n, p, _ in engine.named}
+    named.update({f"optim.{k}.{n}": (p, k) for n, p, _ in engine.named for k in ("exp_avg", "exp_avg_sq")})
+    want = [engine._full_fp32(named[n]) if n.startswith("model.") else engine._full_state(*named[n]) for n, _ in got]
+    assert len(got) == len(named)                  # every weight and both of its moments
+    if topo.dp_rank == 0:
+        for (name, value), expected in zip(got, want):
+            assert value is not None and torch.equal(value, expected), name
+    else:
+        assert all(value is None for _, value in got), [n for n, v in got if v is not None]
+    torch.save({"rank": rank, "checked": len(got)}, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,precision,tp", [(1, "fp32", 1), (2, "bf16", 1), (3, "fp32", 1), (1, "fp32", 2)])
+def test_only_the_writing_rank_assembles_a_partitioned_value(tiny_corpus, tmp_path, stage, precision, tp):
+    extra = {"parallel.zero_stage": stage, "parallel.engine": "deepspeed", "train.precision": precision,
+             "parallel.tp": tp, "model.vocab_size": 512, **ADAMW}
+    if stage == 3:
+        extra["parallel.deepspeed_config"] = ZERO3_JSON
+    world = 2 * tp
+    run_distributed(_writer_only_values, world, tiny_overrides(tiny_corpus, tmp_path, **extra),
+                    str(tmp_path / "checked"))
+    assert all(torch.load(f"{tmp_path / 'checked'}.{r}")["checked"] > 0 for r in range(world))

@@ -199,3 +199,21 @@ def test_a_straggler_is_named_with_its_host(zygote, tiny_corpus, tmp_path):
     flagged = [r for r in read_metrics(tmp_path / "slow" / "run") if "straggler_rank" in r]
     # 4 steps of 0.3 s: each window is long enough to judge; named from the second window in a row on
     assert [r["step"] for r in flagged] == [8, 12] and {r["straggler_rank"] for r in flagged} == {2}
+
+
+def test_a_rank_that_drops_a_saves_collective_aborts_the_save_everywhere(zygote, tiny_corpus, tmp_path):
+    """Rank 1 leaves step 4's save without the commit gather: the ranks deadlock in different operations, every
+    rank stops naming rank 1, nothing of step 4 is committed, and step 2's checkpoint stays the latest."""
+    trial = Trial(zygote, tiny_corpus, tmp_path / "drop", faults="skip_collective:rank=1,step=4,at=save_gather",
+                  **{"train.log_interval": 100})
+    exits = trial.zygote.wait(list(trial.pids.values()), 90)
+    trial.kill_all()
+    assert len(exits) == WORLD, "a rank hung"
+    for rank in range(WORLD):
+        err = trial.err(rank)
+        assert exits[trial.pids[rank]][0] != 0, (rank, err[-2000:])
+        assert "rank 1 (host" in err and "a rank that skipped or repeated a collective" in err, (rank, err[-2000:])
+        assert "Traceback" not in err, err[-3000:]
+    latest = latest_checkpoint(tmp_path / "drop" / "run")
+    assert latest is not None and latest.name == "step_0000002", latest
+    CheckpointReader(latest, verify=True)

@@ -63,3 +63,9 @@ def test_planned_faults_parse_and_refuse_typos():
         parse("kil:rank=1")
     with pytest.raises(ValueError, match="unknown key 'steps'"):
         parse("kill:steps=1")
+    skip = parse("skip_collective:rank=1,step=4,at=save_gather")[0]
+    assert skip.applies("save_gather", 1, 4) and not skip.applies("stop_agreement", 1, 4)
+    with pytest.raises(ValueError, match="skip_collective strikes at a collective, not at=save_rename"):
+        parse("skip_collective:rank=1,at=save_rename")
+    with pytest.raises(ValueError, match="at= is for kill, stop, delay and skip_collective"):
+        parse("nan:rank=1,at=save_gather")

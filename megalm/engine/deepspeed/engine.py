@@ -25,6 +25,7 @@ from megalm.config import Config
 from megalm.engine.base import Engine
 from megalm.engine.deepspeed.compat import MPU, ensure_distributed, pin_zero3_trace_check, singleton_groups_if_needed
 from megalm.engine.deepspeed.config import deepspeed_config_dict
+from megalm.engine.deepspeed.writer_gather import WriterGather
 from megalm.engine.deepspeed.zero3 import register_external_parameters
 from megalm.engine.optim import build_optimizer, optimizer_step_count
 from megalm.engine.precision import activation_dtype
@@ -208,17 +209,25 @@ class DeepSpeedEngine(Engine):
         return None if value is None else value.float().reshape(_shape(p))
 
     def state_tensors(self, with_optimizer: bool = True, trainable_only: bool = False):
-        """fp32 master weights and Adam moments under layout-free names. Every DP rank must run it to the end
-        (each value is gathered over the DP group); the caller keeps what its rank owns."""
+        """fp32 master weights and Adam moments under layout-free names. Every DP rank must run it to the end: a
+        value ZeRO partitions is assembled on data-parallel rank 0 alone (``WriterGather``), and the other ranks
+        yield None for it."""
         with_moments = with_optimizer and self.cfg.optimizer.name == "adamw" and self.optimizer_step_count() > 0
         if with_moments:
             self._link_optimizer_state()
-        for name, p, chunk in self.named:
-            if is_tied_copy(chunk, name, self.topo.pp) or (trainable_only and not p.requires_grad):
-                continue
-            yield f"model.{name}", self._full_fp32(p), p.shard
+        saved = [(name, p) for name, p, chunk in self.named
+                 if not is_tied_copy(chunk, name, self.topo.pp) and (p.requires_grad or not trainable_only)]
+        gather = WriterGather([p for _, p in saved], self.groups["dp"], self.device)
+        for name, p in saved:
+            yield f"model.{name}", self._value_for_writer(gather, p), p.shard
             for key in OPTIM_KEYS if with_moments else ():
-                yield f"optim.{key}.{name}", self._full_state(p, key), p.shard
+                yield f"optim.{key}.{name}", self._value_for_writer(gather, p, key), p.shard
+
+    def _value_for_writer(self, gather: WriterGather, p, key: str | None = None) -> torch.Tensor | None:
+        if not gather.handles(p):                           # ZeRO-0: each rank holds the whole value
+            return self._full_fp32(p) if key is None else self._full_state(p, key)
+        value = gather.value(p, key)
+        return None if value is None else value.reshape(_shape(p))
 
     def optimizer_step_count(self) -> int:
         return optimizer_step_count(self.torch_optimizer)
