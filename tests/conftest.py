@@ -12,6 +12,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# MEGALM_STRESS=1 runs the stress trials and the variants the everyday suite leaves out (the README's figures)
+STRESS = os.environ.get("MEGALM_STRESS") == "1"
 STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "heapq.py", "keyword.py",
                 "opcode.py", "queue.py", "shlex.py", "string.py", "textwrap.py", "this.py", "types.py"]
 

@@ -17,7 +17,7 @@ from megalm.config import ConfigError, load_config
 from megalm.runtime.spawn import run_distributed
 from megalm.train.loop import train
 from megalm.train.metrics import read_metrics
-from tests.conftest import tiny_overrides
+from tests.conftest import STRESS, tiny_overrides
 
 ZERO3_JSON = "configs/deepspeed/zero3.json"    # persistence threshold 0: every tensor really partitioned
 STEPS = 20
@@ -157,7 +157,7 @@ def test_resume_equals_uninterrupted_run(tiny_corpus, tmp_path, stage, precision
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,pp", [(0, 1), (1, 1), (2, 1), (3, 1), (1, 2)])
+@pytest.mark.parametrize("stage,pp", [(0, 1), (3, 1), (1, 2)] + ([(1, 1), (2, 1)] if STRESS else []))
 def test_bf16_trains_and_stays_near_fp32(tiny_corpus, tmp_path, native, stage, pp):
     """bf16 weights (DeepSpeed keeps fp32 masters) on every ZeRO stage at dp=2, and pp=2 x dp=2 under ZeRO-1
     (the combination that crashes or hangs in DeepSpeed's own pipeline engine; megalm drives it with its own
