@@ -135,9 +135,20 @@ def buffer_bytes(cfg: Config, lay: Layout, block_params: int) -> float:
     return (bucket_elements(cfg) + gathered) * width
 
 
+def embedding_gradient_bytes(cfg: Config, lay: Layout, micro_batches: int) -> float:
+    """The first pipeline stage's transient during its embedding's backward: the dense gradient of the (vocabulary
+    shard of the) embedding, made whole and then added into the gradient the earlier micro-batches accumulated.
+    The peak of that stage when pp > 1 (measured); with pp = 1 the head's backward, earlier, is higher."""
+    if lay.pp == 1 or micro_batches == 1:
+        return 0.0
+    width = 4 if cfg.train.precision == "fp32" else 2
+    return cfg.model.vocab_size // lay.tp * cfg.model.hidden_size * width
+
+
 def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int, device: str = "cuda") -> dict:
     """The fuller pipeline stage's bytes. With one micro-batch per step the blocks' gradients are made while their
-    activations are freed, so at the peak (the head's backward) only the head's own gradients exist."""
+    activations are freed, so at the peak (the head's backward) only the head's own gradients exist. ``transient``:
+    what a stage holds only for a moment at its peak (``embedding_gradient_bytes``)."""
     first_extra, block, last_extra = parameters_per_rank(cfg.model, lay.tp)
     layers = cfg.model.num_layers // lay.pp
     weights, grads, optimizer = state_bytes(cfg.train.precision, lay.zero_stage, lay.dp)
@@ -151,11 +162,11 @@ def memory_per_rank(cfg: Config, lay: Layout, micro_batches: int, device: str = 
         without_block_grads = params - layers * block if micro_batches == 1 else params
         return params * (weights + optimizer) + without_block_grads * grads
     first = {"parameters": first_params, "states": states(first_params), "activations": act_first,
-             "buffers": buffers}
+             "transient": embedding_gradient_bytes(cfg, lay, micro_batches), "buffers": buffers}
     last = {"parameters": last_params, "states": states(last_params), "activations": act_last,
-            "buffers": buffers}
-    worst = max((first, last), key=lambda d: d["states"] + d["activations"])
-    return {**worst, "total": worst["states"] + worst["activations"] + buffers}
+            "transient": 0.0, "buffers": buffers}
+    worst = max((first, last), key=lambda d: d["states"] + d["activations"] + d["transient"])
+    return {**worst, "total": worst["states"] + worst["activations"] + worst["transient"] + buffers}
 
 
 def step_seconds(cfg: Config, lay: Layout, micro_batches: int, machine: Machine, gpus_per_node: int,

@@ -94,3 +94,16 @@ def test_tp2_spawned_counts_and_times_its_collectives(tmp_path):
     assert row["devices"] == 2 and row["breakdown_fraction"]["tp_comm"] > 0
     comm = result["tp_comm"]["2"]
     assert comm["tp_elements_counted"] == comm["tp_elements_formula"]
+
+
+def test_peak_memory_pairs_frees_by_address_and_survives_unrecorded_frees():
+    """gloo's worker threads free a collective's output where the profiler does not look: an address allocated
+    again counts its earlier block as freed; a free of a block from before the trace lowers the count."""
+    from megalm.bench.train_measure import peak_live_bytes
+
+    recorded = [(0, 0xA, 100), (1, 0xB, 50), (2, 0xA, -100), (3, 0xC, 30)]
+    assert peak_live_bytes(recorded) == 150                       # 100 + 50 at t=1
+    unrecorded = [(0, 0xA, 100), (1, 0xA, 100), (2, 0xA, 100)]   # three outputs, two frees never seen
+    assert peak_live_bytes(unrecorded) == 100                     # a plain running sum would say 300
+    before = [(0, 0xD, -40), (1, 0xA, 60)]                       # 0xD was alive when the trace began
+    assert peak_live_bytes(before) == 20
