@@ -44,7 +44,8 @@ class Engine(ABC):
     @abstractmethod
     def step(self, lr: float) -> float:
         """Tied-embedding sum, data-parallel reduction, clipping, update, zeroing. Returns the global gradient norm
-        before clipping (inf for an fp16 step skipped on overflow)."""
+        before clipping (inf for an fp16 step skipped on overflow). A non-finite norm outside fp16's loss scaling
+        means a NaN or inf gradient on some rank: no optimizer step was taken, on any rank."""
 
     def discard_gradients(self) -> None:
         """Drop this step's gradients without an optimizer step (train.on_non_finite=skip)."""

@@ -2,6 +2,8 @@
 fp16 loss scaling agreed over all ranks (``megalm.engine.base.Engine`` is the interface)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -80,6 +82,9 @@ class NativeEngine(Engine):
                 self.optimizer.zero_grad(set_to_none=True)
                 return float("inf")
         norm = self.grad_norm()
+        if not math.isfinite(norm):          # a NaN or inf gradient somewhere: the weights stay as they are
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         clip = self.cfg.train.grad_clip
         if clip > 0 and norm > clip:
             for p in self.params():

@@ -9,6 +9,7 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
     MEGALM_FAULTS="skip_collective:rank=1,step=4,at=save_gather"   # ... or the commit gather of step 4's save
     MEGALM_FAULTS="hang:rank=0,step=2"              # rank 0 stops making progress but keeps its heartbeat
     MEGALM_FAULTS="nan:rank=1,step=3"               # rank 1's loss of step 3 is NaN (and so its gradients)
+    MEGALM_FAULTS="nan_grad:rank=1,step=3"          # rank 1's gradients of step 3 are NaN, its loss finite
     MEGALM_FAULTS="corrupt:rank=0,step=4"           # flip a byte of rank 0's shard of step 4 once it is on disk
     MEGALM_FAULTS="truncate:rank=1,step=4"          # cut 100 bytes off rank 1's shard of step 4 (silent damage)
 
@@ -16,7 +17,7 @@ Set ``MEGALM_FAULTS`` to one or more faults separated by ``;``, each ``ACTION:ke
                                                        # the rename (kill, stop and delay take at=POINT)
 
 ``rank`` defaults to every rank and ``step`` to every step. The points where a fault can strike are named
-(``step_start``, ``stop_agreement``, ``loss``, and inside a save: ``save_begin``, ``save_piece`` (with
+(``step_start``, ``stop_agreement``, ``loss``, ``gradient``, and inside a save: ``save_begin``, ``save_piece`` (with
 ``piece=K``: before the rank's K-th tensor), ``save_hashed``, ``save_durable``, ``save_manifest``, ``save_rename``,
 ``save_pointer``, ``save_marker``, ``save_prune``, and ``save_gather``: the collective gather of every rank's
 report that decides the commit); each action has its own point unless ``at=`` names one (``skip_collective``: a
@@ -31,12 +32,13 @@ import time
 from dataclasses import dataclass
 
 ACTIONS = {"kill": "step_start", "stop": "step_start", "delay": "step_start", "hang": "step_start",
-           "skip_collective": "stop_agreement", "nan": "loss", "corrupt": "save_durable", "truncate": "save_durable"}
+           "skip_collective": "stop_agreement", "nan": "loss", "nan_grad": "gradient", "corrupt": "save_durable",
+           "truncate": "save_durable"}
 KEYS = {"rank", "step", "seconds", "at", "piece"}
 SAVE_POINTS = ("save_begin", "save_piece", "save_hashed", "save_durable", "save_manifest", "save_rename",
                "save_pointer", "save_marker", "save_prune")
 COLLECTIVE_POINTS = ("stop_agreement", "save_gather")        # where skip_collective can strike
-POINTS = ("step_start", "loss", *COLLECTIVE_POINTS, *SAVE_POINTS)
+POINTS = ("step_start", "loss", "gradient", *COLLECTIVE_POINTS, *SAVE_POINTS)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def strike(point: str, rank: int, step: int, piece: int | None = None, path=None
         elif fault.action == "hang":
             while True:
                 time.sleep(3600)
-        elif fault.action in ("skip_collective", "nan"):
+        elif fault.action in ("skip_collective", "nan", "nan_grad"):
             skip = True
         elif fault.action in ("corrupt", "truncate") and path is not None:
             _damage(path, fault.action)

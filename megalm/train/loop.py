@@ -215,7 +215,8 @@ def _steps(cfg, rt, engine, sampler, p2p, log, comm, progress, request, run_eval
         lr = lr_at(step, cfg)
         if comm is not None:
             comm.reset()
-        poison = faults.strike("loss", rt.info.rank, step + 1)
+        poison = "loss" if faults.strike("loss", rt.info.rank, step + 1) else \
+            "gradient" if faults.strike("gradient", rt.info.rank, step + 1) else ""
         try:
             loss, norm = train_step(engine, p2p, cfg.schedule, micro, topo, lr, step + 1, clock,
                                     "skip" if t.on_non_finite == "skip" else "stop", poison)
@@ -280,10 +281,11 @@ def _saved_or_said(action, cfg: Config, rt, progress: dict):
 
 def _watch_loss(log, step: int, loss: float, norm: float, recent, factor: float, progress: dict) -> None:
     """Say a skipped step (train.on_non_finite=skip) and flag a loss spike against the recent median."""
-    if not math.isfinite(loss):
+    if not math.isfinite(loss) or math.isnan(norm):       # (fp16's overflow skip reports inf, not NaN)
         progress["skipped_steps"] = progress.get("skipped_steps", 0) + 1
         log.log({"step": step, "skipped_non_finite": True})
-        log.say(f"step {step}: non-finite loss {loss} on some rank; every rank dropped its gradients and took no "
+        what = f"loss {loss}" if not math.isfinite(loss) else "gradient (the loss was finite)"
+        log.say(f"step {step}: non-finite {what} on some rank; every rank dropped its gradients and took no "
                 f"optimizer step (train.on_non_finite=skip; {progress['skipped_steps']} skipped so far)")
         return
     if factor and len(recent) == recent.maxlen:

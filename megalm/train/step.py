@@ -21,7 +21,8 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
-def _callbacks(engine, p2p, micro_batches, poison: bool = False, phases=None):
+def _callbacks(engine, p2p, micro_batches, poison: str = "", phases=None):
+    """``poison`` (MEGALM_FAULTS): "loss" makes the loss NaN, "gradient" the gradients only (the loss stays)."""
     m = len(micro_batches)
 
     def forward_step(chunk, i, x):
@@ -30,8 +31,10 @@ def _callbacks(engine, p2p, micro_batches, poison: bool = False, phases=None):
         targets = targets if p2p.is_last(chunk) else None
         with timed(phases, "forward", f"micro-batch {i} chunk {chunk}"):
             out = engine.forward(chunk, inputs, targets, segments=segments)
-        if poison and p2p.is_last(chunk):            # MEGALM_FAULTS nan: a planted NaN
+        if poison == "loss" and p2p.is_last(chunk):
             out = out * float("nan")
+        elif poison == "gradient" and p2p.is_last(chunk) and out.requires_grad:
+            out.register_hook(lambda grad: grad * float("nan"))
         return out / m if p2p.is_last(chunk) else out
 
     def backward_step(chunk, i, x, out, out_grad):
@@ -54,10 +57,11 @@ def global_mean(value: float, topo: Topology, device) -> float:
 
 
 def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: float, step: int,
-               clock: dict | None = None, on_non_finite: str = "stop", poison: bool = False, phases=None):
+               clock: dict | None = None, on_non_finite: str = "stop", poison: str = "", phases=None):
     """Forward and backward every micro-batch, check the loss, then let the engine step. Returns (loss, norm);
-    a non-finite loss (agreed over all ranks) raises NonFiniteLoss, or under ``on_non_finite="skip"`` drops the
-    gradients and returns (loss, nan) with no optimizer step. ``clock``: receives ``schedule_done``
+    a non-finite loss (agreed over all ranks), or a finite loss with a non-finite gradient norm (global), raises
+    NonFiniteLoss, or under ``on_non_finite="skip"`` drops the gradients and returns (loss, nan) with no optimizer
+    step. ``clock``: receives ``schedule_done``
     (perf_counter), the end of this rank's own work before the first data-parallel collective. ``phases``: a
     ``megalm.runtime.phases.PhaseClock`` timing forward and backward per micro-batch (the engine, the P2P and the
     tensor-parallel handle take theirs as attributes)."""
@@ -72,7 +76,15 @@ def train_step(engine, p2p, schedule: str, micro_batches, topo: Topology, lr: fl
             engine.discard_gradients()
             return loss, float("nan")
         raise NonFiniteLoss(_non_finite_message(loss, step, losses, topo, engine.cfg.train.precision), step)
-    return loss, engine.step(lr)
+    norm = engine.step(lr)
+    if not math.isfinite(norm) and engine.loss_scale is None:        # fp16's overflow skip is not this
+        if on_non_finite == "skip":
+            return loss, float("nan")
+        raise NonFiniteLoss(f"non-finite gradient (norm {norm}) at step {step} with a finite loss {loss:.4f}; no "
+                            f"optimizer step was taken on any rank, so the weights and the last checkpoint are "
+                            f"intact. To continue: lower optimizer.lr or train.grad_clip, or set "
+                            f"train.on_non_finite=skip", step)
+    return loss, norm
 
 
 def _non_finite_message(loss: float, step: int, losses, topo: Topology, precision: str) -> str:

@@ -46,6 +46,71 @@ def test_skip_leaves_the_weights_of_a_run_that_never_took_the_step(tiny_corpus, 
     assert [r["step"] for r in read_metrics(tmp_path / "skip") if r.get("skipped_non_finite")] == [3]
 
 
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_like_a_nan_loss(tiny_corpus, tmp_path, plant, capsys):
+    plant("nan_grad:step=3")
+    _run(tiny_corpus, tmp_path / "skip", **{"train.on_non_finite": "skip", "train.stop_at_step": 3})
+    assert "step 3: non-finite gradient (the loss was finite) on some rank; every rank dropped its gradients" \
+        in capsys.readouterr().out
+    plant("")
+    _run(tiny_corpus, tmp_path / "ref", **{"train.stop_at_step": 2})
+    a, b = _weights(latest_checkpoint(tmp_path / "skip")), _weights(latest_checkpoint(tmp_path / "ref"))
+    assert all(torch.equal(a[n], b[n]) for n in a)                              # step 3 changed nothing
+    skipped = [r for r in read_metrics(tmp_path / "skip") if r.get("skipped_non_finite")]
+    assert [r["step"] for r in skipped] == [3]
+    assert all(r["loss"] == r["loss"] for r in read_metrics(tmp_path / "skip") if "loss" in r)   # losses finite
+
+
+@pytest.mark.parametrize("engine", ["native", "deepspeed"])
+def test_a_nan_gradient_stops_before_the_optimizer_step(tiny_corpus, tmp_path, plant, engine):
+    """By default (stop), under either engine: the step is not taken and the run ends with the reason (DeepSpeed at
+    ZeRO-0 in fp32, whose plain torch optimizer would otherwise step with the NaN)."""
+    from megalm.train.step import NonFiniteLoss
+
+    plant("nan_grad:step=3")
+    extra = {"parallel.engine": engine, "checkpoint.interval": 2, "train.steps": 4}
+    if engine == "deepspeed":
+        extra.update({"parallel.zero_stage": 0, "train.precision": "fp32"})
+    with pytest.raises(NonFiniteLoss, match=r"non-finite gradient \(norm nan\) at step 3 with a finite loss.*no "
+                                            r"optimizer step was taken on any rank"):
+        _run(tiny_corpus, tmp_path / "stop", **extra)
+    latest = latest_checkpoint(tmp_path / "stop")
+    assert latest.name == "step_0000002"
+    assert all(bool(torch.isfinite(t).all()) for t in _weights(latest).values())
+
+
+@pytest.mark.parametrize("engine,stage,precision", [("native", 0, "fp32"), ("deepspeed", 0, "fp32"),
+                                                    ("deepspeed", 2, "bf16")])
+def test_the_engine_takes_no_step_on_a_nan_gradient(tiny_corpus, tmp_path, engine, stage, precision):
+    """The engine itself, one process: after a backward whose gradients are NaN (the loss finite), ``step``
+    returns a non-finite norm and every fp32 master weight is bit-unchanged. DeepSpeed 0.19's ZeRO optimizers skip
+    such a step themselves, but at ZeRO-0 in fp32 (a plain torch optimizer) it would step with the NaN: megalm
+    checks before DeepSpeed's step in every case."""
+    from megalm.config import resolve
+    from megalm.engine import build_engine
+    from megalm.parallel.topology import build_topology
+
+    extra = {"parallel.engine": engine, "model.vocab_size": 512, "train.micro_batch_size": 2,
+             "train.global_batch_size": 2}                       # one backward per step
+    if engine == "deepspeed":
+        extra.update({"parallel.zero_stage": stage, "train.precision": precision})
+    cfg = resolve(load_config(None, tiny_overrides(tiny_corpus, tmp_path, **extra)), 1)
+    model = build_engine(cfg, build_topology(), torch.device("cpu"))
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def backward(poisoned: bool):
+        loss = model.forward(0, tokens[:, :-1], tokens[:, 1:])
+        if poisoned:
+            loss.register_hook(lambda grad: grad * float("nan"))
+        model.backward(0, loss)
+    backward(False)
+    assert torch.isfinite(torch.tensor(model.step(1e-2)))
+    before = {name: t.clone() for name, t, _ in model.state_tensors(with_optimizer=False)}
+    backward(True)
+    assert not torch.isfinite(torch.tensor(model.step(1e-2)))
+    after = {name: t for name, t, _ in model.state_tensors(with_optimizer=False)}
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
 def test_rollback_reloads_the_checkpoint_and_skips_the_data_up_to_the_bad_step(tiny_corpus, tmp_path, plant,
                                                                                 capsys):
     plant("nan:step=4")
@@ -108,10 +173,12 @@ def _train_rank(rank, world, overrides):
 
 
 @pytest.mark.slow
-def test_a_nan_on_one_rank_is_skipped_on_every_rank(tiny_corpus, tmp_path, monkeypatch):
-    """dp 2, the NaN planted on rank 1 only: both ranks skip step 3, and the weights equal a run without it."""
+@pytest.mark.parametrize("fault", ["nan", "nan_grad"])
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(tiny_corpus, tmp_path, monkeypatch, fault):
+    """dp 2, the NaN (in the loss, or in the gradients only) planted on rank 1 only: both ranks skip step 3, and
+    the weights equal a run without it."""
     from megalm.runtime.spawn import run_distributed
-    monkeypatch.setenv("MEGALM_FAULTS", "nan:rank=1,step=3")
+    monkeypatch.setenv("MEGALM_FAULTS", f"{fault}:rank=1,step=3")
     extra = {"train.steps": 4, "train.on_non_finite": "skip", "train.stop_at_step": 3, "parallel.dp": 2}
     run_distributed(_train_rank, 2, tiny_overrides(tiny_corpus, tmp_path / "skip", **extra))
     monkeypatch.setenv("MEGALM_FAULTS", "")

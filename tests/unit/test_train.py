@@ -53,7 +53,7 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_cor
 
     real, calls = step_module._callbacks, []
 
-    def planted(engine, p2p, micro_batches, poison=False, phases=None):   # micro-batch 1 of step 3 is NaN
+    def planted(engine, p2p, micro_batches, poison="", phases=None):   # micro-batch 1 of step 3 is NaN
         forward, backward = real(engine, p2p, micro_batches, poison, phases)
 
         def forward_with_nan(chunk, i, x):
