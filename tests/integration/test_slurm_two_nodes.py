@@ -184,3 +184,38 @@ def test_train_time_limit_stops_saves_and_the_requeued_job_finishes_bit_exactly(
     assert steps == list(range(1, STEPS + 1)), steps
     assert losses(run_dir) == reference
     TIMINGS["time_limit train.sbatch"] = {"requeues": int(fields["Restarts"])}
+
+
+def test_the_planners_memory_holds_across_two_nodes(cluster, tmp_path, capsys):
+    """`megalm plan`'s per-rank memory against `megalm bench train --memory` launched by srun over the two nodes
+    (2 tasks each), for tp within a node and pp across the nodes, both with dp 2: within 10% each."""
+    from megalm.bench.plan_model import layout_of, memory_per_rank
+    from megalm.config import load_config, resolve
+    from tests.integration.test_plan_accuracy import SHAPE
+
+    points = ["parallel.tp=2", "parallel.pp=2"]
+    out, log = tmp_path / "bench", tmp_path / "bench.out"
+    script = tmp_path / "bench.sbatch"
+    script.write_text("#!/usr/bin/env bash\nset -uo pipefail\nsource launch_scripts/slurm/common.sh\n"
+                      "srun --kill-on-bad-exit=1 .venv/bin/python -m megalm bench train --steps 2 --warmup 1 "
+                      f"--breakdown-steps 0 --memory --out {out} {' '.join(SHAPE)} --points "
+                      + " ".join(f"'{p}'" for p in points) + "\n")
+    job = cluster.submit(["--nodes", "2", "--ntasks-per-node", "2", "--output", str(log), "--chdir", str(ROOT),
+                          str(script)])
+    fields = cluster.wait(job, 600)
+    output = log.read_text() if log.exists() else ""
+    assert fields["JobState"] == "COMPLETED" and fields["NumNodes"] == "2", (fields, output[-4000:])
+    rows = list(json.loads((out / "bench_train.json").read_text())["results"]["rows"].values())
+    table = []
+    for point, row in zip(points, rows):
+        cfg = resolve(load_config("tiny", SHAPE + point.split()), 4)
+        lay = layout_of(cfg, 4)
+        micro = cfg.train.global_batch_size // (lay.micro_batch_size * lay.dp)
+        table.append((point, memory_per_rank(cfg, lay, micro, "cpu")["total"], row["peak_tensor_bytes_max"]))
+    with capsys.disabled():
+        for point, predicted, measured in table:
+            print(f"\ntwo nodes, {point} dp2: predicted {predicted / 2**20:.1f} MiB, measured "
+                  f"{measured / 2**20:.1f} MiB ({(predicted - measured) / measured:+.1%})")
+    assert len(table) == len(points)
+    for point, predicted, measured in table:
+        assert abs(predicted - measured) / measured < 0.10, (point, predicted, measured)
