@@ -23,7 +23,9 @@ def curve(prefix, run_dir, kernel, style):
     pytest.param({"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position": "rope",
                   "model.num_kv_heads": 2}, marks=pytest.mark.skipif(not STRESS, reason="set MEGALM_STRESS=1 "
                   "(the qwen3-llama3-rope style covers its kernels)")),
-    {"model.norm": "layernorm", "model.activation": "gelu", "model.position": "learned"},
+    pytest.param({"model.norm": "layernorm", "model.activation": "gelu", "model.position": "learned"},
+                 marks=pytest.mark.skipif(not STRESS, reason="set MEGALM_STRESS=1 (LayerNorm's kernel is checked "
+                                          "against its reference in test_norm.py)")),
     # Qwen3's q/k norms (through the norm kernel, per head) and a head_dim apart from hidden/heads (12: the
     # attention kernel pads it), with Llama 3.1 RoPE scaling (its tables feed the RoPE kernel)
     {"model.norm": "rmsnorm", "model.activation": "swiglu", "model.position": "rope", "model.num_kv_heads": 2,
