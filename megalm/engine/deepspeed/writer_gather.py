@@ -63,7 +63,9 @@ class WriterGather:
 
     def _fragments(self, p, key):
         start, numel = _fragment(p)
-        held = p._hp_mapping.get_hp_fragment(key).float().contiguous() if numel else None
+        # on the device the group communicates on: with optimizer offload DeepSpeed keeps the fragment on the CPU,
+        # which NCCL cannot send
+        held = p._hp_mapping.get_hp_fragment(key).float().to(self.device).contiguous() if numel else None
         if self.size == 1:
             return held
         if not self.is_writer:
