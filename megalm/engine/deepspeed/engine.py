@@ -18,6 +18,8 @@ How megalm's layout maps onto DeepSpeed (measured with deepspeed 0.19.8):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -142,29 +144,16 @@ class DeepSpeedEngine(Engine):
         with timed(self.phases, "dp_comm", "tied embedding sum"):
             self._gather_tied_gradients()
         with timed(self.phases, "optimizer", "deepspeed step"):   # its data-parallel reduction ran in backward
-            if self.cfg.train.precision != "fp16" and not self._gradients_finite():
-                return float("nan")                 # no step: the run stops (train.on_non_finite=stop)
             own_norm = self._fp32_stage0_norm()
+            if own_norm is not None and not math.isfinite(own_norm):
+                return own_norm     # ZeRO-0 fp32's plain torch optimizer would step with it; DeepSpeed's own
+                                    # optimizers skip such a step and report the norm non-finite (tested)
             for group in self.torch_optimizer.param_groups:
                 group["lr"] = lr
             self.ds.step()
             self._copy_tied_weights()
         norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
         return float(norm)
-
-    def _gradients_finite(self) -> bool:
-        """Whether every rank's gradients (the parameters' and those DeepSpeed keeps in its holders) are finite:
-        one one-element all-reduce over the world. fp16 leaves this to DeepSpeed's own overflow check."""
-        opt = self.ds.optimizer
-        held = [p.grad for _, p, _ in self.named if p.grad is not None]
-        held += [t for name in GRAD_HOLDERS for t in _tensors(getattr(opt, name, None))]
-        bad = torch.zeros((), dtype=torch.float32, device=self.device)
-        for t in held:
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                bad.fill_(1.0)
-                break
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad)
 
     def _fp32_stage0_norm(self):
         """ZeRO-0 in fp32 runs a plain torch optimizer, which reports no norm: compute it as megalm does."""
